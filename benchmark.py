@@ -1,0 +1,246 @@
+"""Reproduce the paper's claims in miniature: Self-E against flow matching at equal wall-clock, measured.
+
+    python benchmark.py                                  # 30 CPU-minutes per method, then ShapesEval
+    python benchmark.py --minutes 15 --out bench15       # a shorter budget
+    python benchmark.py --ablations                      # + no energy-preserving target, fake-score term
+    nohup python benchmark.py > bench.log 2>&1 &         # unattended; the same command again resumes it
+
+Both methods train the same architecture with the same batch, seed and wall-clock budget (train.py with
+--max-minutes); each run resumes from its checkpoint if interrupted. Then every run is scored with
+ShapesEval at 1, 2, 4, 8 and 50 steps (4 images per prompt), Self-E also under sampling ablations
+(s_k = t_{k+1} / t_k / midpoint, eta 0 / 1, a CFG sweep), and the costs are measured in one process.
+Writes <out>/results.json (every number), results.md (the tables), overall_vs_steps.png and grid.png.
+Finished pieces are cached in results.json, so a re-run only does what is missing.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+import sample
+
+STEPS = [1, 2, 4, 8, 50]
+RUNS = {  # name: extra train.py arguments
+    "flow": ["--method", "flow"],
+    "selfe": [],
+    "selfe_no_ep": ["--no-energy-preserving"],      # ablation: Eq. 16 instead of the target of Eq. 20
+    "selfe_fake_start": ["--fake-start", "0"],      # ablation: fake-score term from the start
+    "selfe_fake_late": ["--fake-start", "0.75"],    # the paper's recipe: only for the last quarter
+}
+GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench")
+    p.add_argument("--minutes", type=float, default=30.0, help="training budget per run (wall clock)")
+    p.add_argument("--ablations", action="store_true", help="also train the three Self-E ablations")
+    p.add_argument("--per-task", type=int, default=50, help="ShapesEval prompts per task")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-args", default="", help="extra train.py arguments for every run")
+    return p.parse_args()
+
+
+def train(name, args):
+    """Train one run to its budget (resuming it if it was interrupted); returns its training summary."""
+    out = os.path.join(args.out, "runs", name)
+    done = os.path.join(out, "DONE")
+    if not os.path.exists(done):
+        cmd = [sys.executable, "train.py", "--out", out]
+        if os.path.exists(os.path.join(out, "ckpt.pt")):
+            cmd += ["--resume"]
+        else:
+            cmd += ["--max-minutes", str(args.minutes), "--seed", str(args.seed), "--sample-every", "0",
+                    *RUNS[name], *args.train_args.split()]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        open(done, "w").close()
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return dict(steps=log[-1]["step"], minutes=log[-1]["minutes"],
+                img_per_s=round(float(np.median([r["img_per_s"] for r in log])), 1), final_loss=log[-1]["loss"])
+
+
+def score(name, args, steps=STEPS, **opts):
+    net, tok, cfg = sample.load(os.path.join(args.out, "runs", name, "ckpt.pt"))
+    gen = sample.make_generate(net, tok, cfg, **opts)
+    return evaluate.evaluate(gen, steps, args.per_task, args.n, cfg["image_size"], args.seed)
+
+
+def cost(args):
+    """Step-time ratio Self-E / flow at the same batch, sampling images/s per step count, peak memory."""
+    import copy
+    import losses
+    import model as models
+    torch.manual_seed(0)
+    B = 64
+    net = models.build("tiny", 128, 16, 32)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters())
+    g = torch.Generator().manual_seed(0)
+    x0, ids, null = torch.randn(B, 3, 32, 32), torch.randint(1, 128, (B, 16)), torch.zeros(1, 16, dtype=torch.long)
+
+    def step(method):
+        t = losses.sample_t(B, 0.4, g)
+        eps, eps2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+        t0 = time.perf_counter()
+        if method == "flow":
+            loss, _, _ = losses.flow_loss(net, x0, ids, t, eps)
+        else:
+            s, order = losses.sample_s(t, 1.0, g)
+            loss, _, _ = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - t0
+
+    times = {"flow": [], "selfe": []}
+    for i in range(24):  # interleaved, so that machine load hits both alike; the first rounds warm up
+        for m in times:
+            dt = step(m)
+            if i >= 4:
+                times[m].append(dt)
+    out = {f"step_seconds_{m}": float(np.median(v)) for m, v in times.items()}
+    out["step_time_ratio_selfe_over_flow"] = out["step_seconds_selfe"] / out["step_seconds_flow"]
+    net.eval()
+    gen = sample.make_generate(net, data.Tokenizer(data.train_tokenizer(data.shapes_captions(500)).json, 16),
+                               dict(method="selfe", image_size=32, mu=None), cfg_scale=2.0)
+    prompts = ["a red circle"] * 256
+    for steps in STEPS:
+        gen(prompts[:32], steps)
+        t0 = time.perf_counter()
+        gen(prompts, steps)
+        out[f"sample_img_per_s_{steps}"] = 256 / (time.perf_counter() - t0)
+    out["sample_speedup_1_over_50"] = out["sample_img_per_s_1"] / out["sample_img_per_s_50"]
+    for m in ("flow", "selfe"):  # peak memory of a training step, each in a fresh process
+        code = (f"import benchmark, resource; benchmark.peak_memory_child({m!r})")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[f"peak_rss_mb_{m}"] = float(r.stdout.split()[-1])
+    return out
+
+
+def peak_memory_child(method):
+    """Run in a fresh process: a few training steps; print the process's peak resident memory in MB."""
+    import copy
+    import losses
+    import model as models
+    B = 64
+    net = models.build("tiny", 128, 16, 32)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    x0, ids, null = torch.randn(B, 3, 32, 32), torch.randint(1, 128, (B, 16)), torch.zeros(1, 16, dtype=torch.long)
+    for _ in range(3):
+        t = losses.sample_t(B, 0.4)
+        eps, eps2 = torch.randn_like(x0), torch.randn_like(x0)
+        if method == "flow":
+            loss, _, _ = losses.flow_loss(net, x0, ids, t, eps)
+        else:
+            s, order = losses.sample_s(t, 1.0)
+            loss, _, _ = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)
+        loss.backward()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def targets(res):
+    """The issue's targets for the default budget, each with its numbers and whether it holds."""
+    s, f = res["eval"]["selfe"], res["eval"]["flow"]
+    o = lambda r, k: r[str(k)]["overall"]
+    mono = all(o(s, a) <= o(s, b) + 0.02 for a, b in zip(STEPS, STEPS[1:]))
+    return {
+        "selfe@2 >= 2 x flow@2": [o(s, 2), o(f, 2), o(s, 2) >= 2 * o(f, 2)],
+        "selfe@2 >= 0.9 x selfe@50": [o(s, 2), o(s, 50), o(s, 2) >= 0.9 * o(s, 50)],
+        "selfe@50 >= flow@50 - 0.02": [o(s, 50), o(f, 50), o(s, 50) >= o(f, 50) - 0.02],
+        "selfe non-decreasing in steps (within 0.02)": [[o(s, k) for k in STEPS], mono],
+        "selfe@1 >= 0.7 x selfe@50": [o(s, 1), o(s, 50), o(s, 1) >= 0.7 * o(s, 50)],
+        "selfe@8 >= 0.6": [o(s, 8), o(s, 8) >= 0.6],
+    }
+
+
+def write_report(res, args):
+    lines = [f"# Self-E vs flow matching on ShapesEval ({args.minutes:g} CPU-minutes per run)", "",
+             "Command: `python benchmark.py" + (f" --minutes {args.minutes:g}" if args.minutes != 30 else "")
+             + (" --ablations" if args.ablations else "") + "`", ""]
+    lines += ["## Training", "", "| run | steps | minutes | img/s | final loss |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['steps']} | {v['minutes']} | {v['img_per_s']} | {v['final_loss']:.4f} |"
+              for k, v in res["train"].items()]
+    for name, rows in res["eval"].items():
+        lines += ["", f"## {name}", "", evaluate.table({**rows, **res["reference"]})]
+    for name, rows in res.get("sampling", {}).items():
+        lines += ["", f"## sampling ablation: {name}", "", evaluate.table(rows)]
+    lines += ["", "## Targets", ""] + [f"- {k}: {v[:-1]} -> {'PASS' if v[-1] else 'MISS'}"
+                                         for k, v in res.get("targets", {}).items()]
+    if "cost" in res:
+        lines += ["", "## Cost (this machine)", ""] + [f"- {k}: {v:.3f}" for k, v in res["cost"].items()]
+    open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
+
+
+def grid(res, args):
+    """Rows: a few prompts; columns: 1, 2, 4, 8, 50 steps; one block per method."""
+    from PIL import Image, ImageDraw
+    blocks = []
+    for name in ("flow", "selfe"):
+        net, tok, cfg = sample.load(os.path.join(args.out, "runs", name, "ckpt.pt"))
+        gen = sample.make_generate(net, tok, cfg)
+        images = {}
+        for steps in STEPS:
+            torch.manual_seed(args.seed)
+            images[steps] = data.to_uint8(gen([p for p in GRID_PROMPTS for _ in range(2)], steps))
+        g = sample.grid_image(images, GRID_PROMPTS, STEPS, 2)
+        title = Image.new("RGB", (g.width, 18), (255, 255, 255))
+        ImageDraw.Draw(title).text((4, 3), {"flow": "flow matching", "selfe": "Self-E"}[name], fill=(0, 0, 0))
+        blocks += [title, g]
+    out = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))
+    y = 0
+    for b in blocks:
+        out.paste(b, (0, y))
+        y += b.height
+    out.save(os.path.join(args.out, "grid.png"))
+
+
+def main():
+    args = get_args()
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    res = json.load(open(path)) if os.path.exists(path) else {}
+    save = lambda: json.dump(res, open(path, "w"), indent=1)
+    res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    res["args"] = vars(args)
+    names = list(RUNS) if args.ablations else ["flow", "selfe"]
+    for name in names:
+        res.setdefault("train", {})[name] = train(name, args)
+        save()
+    if "reference" not in res:
+        res["reference"] = evaluate.floor_rows(args.per_task, args.n)
+        save()
+    for name in names:
+        if name not in res.setdefault("eval", {}):
+            res["eval"][name] = score(name, args)
+            print(name, json.dumps({k: round(v["overall"], 3) for k, v in res["eval"][name].items()}), flush=True)
+            save()
+    sampling = {"s_k = t_k (same)": dict(s_mode="same"), "s_k = midpoint": dict(s_mode="mid"),
+                "eta = 1": dict(eta=1.0), **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 3.0, 5.0)}}
+    for label, opts in sampling.items():
+        if label not in res.setdefault("sampling", {}):
+            res["sampling"][label] = score("selfe", args, steps=[1, 2, 4, 8], **opts)
+            save()
+    res["targets"] = targets(res)
+    if "cost" not in res:
+        res["cost"] = cost(args)
+    save()
+    evaluate.plot({n: res["eval"][n] for n in names}, os.path.join(args.out, "overall_vs_steps.png"),
+                  reference=res["reference"]["reference"]["overall"],
+                  title=f"ShapesEval, {args.minutes:g} CPU-minutes per method")
+    grid(res, args)
+    write_report(res, args)
+    print(open(os.path.join(args.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()

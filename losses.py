@@ -1,0 +1,200 @@
+"""Self-E's training objective, as small pure functions in the paper's notation, and the loss of one step.
+
+Convention (the whole project's; paper Sec. 3): x_t = alpha_t x0 + sigma_t eps, alpha_t = 1 - t,
+sigma_t = t. t = 0 is data, t = 1 is noise. The network has two time inputs: the current time t and a
+target time s <= t; G(x_t, t, s, c) = x_t - t V(x_t, t, s, c) is its clean-sample head (Eq. 6).
+c is the prompt, phi the empty prompt, sg[.] the stop-gradient.
+
+One training step (selfe_loss):
+    x0_hat = G(x_t, t, s, c)                                              the jump, with gradient
+    x_s_hat = alpha_s sg[x0_hat] + sigma_s eps'                           re-noised landing point
+    x_self = sg[x0_hat - (G(x_s_hat, s, s, phi) - G(x_s_hat, s, s, c))]  Eq. 14 (self-evaluation)
+    L_{s,t} = ||x0_hat - x_renorm||^2,  x_renorm = EP(x0 + lambda_{s,t} x_self)    Eqs. 17-20
+    loss = E[w_t L_{s,t}],  w_t = 1 / t^2                                 Eq. 21, paper S.2
+"""
+import math
+
+import torch
+
+from model import G
+
+
+def stopgrad(x):
+    """sg[x]."""
+    return x.detach()
+
+
+def alpha(t):
+    return 1 - t
+
+
+def sigma(t):
+    return t
+
+
+def bcast(t):
+    """(B,) -> (B, 1, 1, 1), to multiply images."""
+    return t.view(-1, 1, 1, 1)
+
+
+def add_noise(x0, eps, t):
+    """x_t = alpha_t x0 + sigma_t eps."""
+    return bcast(alpha(t)) * x0 + bcast(sigma(t)) * eps
+
+
+# -----------------------------------------------------------------------------
+# time sampling (paper S.2)
+
+def shift_mu(num_tokens):
+    """Resolution shift mu, linear in the number of image tokens: 0.5 at 512 tokens, 1.15 at 4096."""
+    return 0.5 + (1.15 - 0.5) * (num_tokens - 512) / (4096 - 512)
+
+
+def shift(t, mu):
+    """Resolution shift t -> e^mu / (e^mu + 1/t - 1): pushes times towards noise for mu > 0. Keeps 0 and 1."""
+    return math.exp(mu) * t / (math.exp(mu) * t + (1 - t))
+
+
+def sample_t(batch, mu, generator=None, t_min=1e-3, t_max=1 - 1e-3):
+    """Logit-normal t = sigmoid(z), z ~ N(0, 1), then the resolution shift; clamped away from 0 and 1 (ours)."""
+    t_raw = torch.sigmoid(torch.randn(batch, generator=generator))
+    return shift(t_raw, mu).clamp(t_min, t_max)
+
+
+def tau_schedule(progress, anneal):
+    """tau grows linearly 0 -> 1 over the first `anneal` fraction of training, then stays 1 (paper S.2)."""
+    return 1.0 if anneal <= 0 else min(1.0, progress / anneal)
+
+
+def sample_s(t, tau, generator=None):
+    """s = t for exactly half of the batch (a random half: P(s = t) = 0.5 per sample), else
+    s ~ U((1 - tau) t, t) (paper S.2). The jumping half comes first after `order`: returns (s, order)
+    where order[:B//2] are the indices that jump. A fixed count keeps batch shapes static (compile, DDP)."""
+    B = t.shape[0]
+    order = torch.randperm(B, generator=generator)
+    u = torch.rand(B, generator=generator)
+    s = t - tau * t * u                       # U((1 - tau) t, t)
+    s[order[B // 2:]] = t[order[B // 2:]]     # the other half: s = t, ordinary flow matching
+    return s, order
+
+
+# -----------------------------------------------------------------------------
+# the loss terms
+
+def lambda_st(s, t):
+    """lambda_{s,t} = sigma_t / alpha_t - sigma_s / alpha_s = t / (1 - t) - s / (1 - s)   (Eq. 17); 0 at s = t."""
+    return sigma(t) / alpha(t) - sigma(s) / alpha(s)
+
+
+def self_eval_direction(G_phi, G_c, G_fake=None, k=0.9):
+    """The classifier-score direction at x_s_hat: G(x_s_hat, s, s, phi) - G(x_s_hat, s, s, c)  (Eq. 14).
+
+    With the auxiliary fake-score term (appendix S.1.2, Eq. s.6):
+    Delta = k (G_phi - G_c) + (1 - k) (G_fake - G_c)."""
+    if G_fake is None:
+        return G_phi - G_c
+    return k * (G_phi - G_c) + (1 - k) * (G_fake - G_c)
+
+
+def self_eval_target(x0_hat, delta):
+    """x_self = sg[x0_hat - Delta]   (Eq. 14). ||x0_hat - x_self||^2 then has gradient 2 Delta w.r.t. x0_hat:
+    it moves x0_hat along -Delta = G_c - G_phi, towards images the model itself judges to match c."""
+    return stopgrad(x0_hat - delta)
+
+
+def energy_preserving_target(x0, x_self, lam):
+    """x_renorm = y / ||y|| * ||x0||, y = x0 + lambda x_self, norms per sample   (Eqs. 18-19)."""
+    y = x0 + bcast(lam) * x_self
+    norm = lambda v: v.flatten(1).norm(dim=1).clamp_min(1e-8)
+    return y * bcast(norm(x0) / norm(y))
+
+
+def per_sample_mse(a, b):
+    """||a - b||^2 averaged over pixels: (B,)."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def time_weight(t, t_min=0.05):
+    """w_t = 1 / t^2 (Eq. 21 with paper S.2): makes the data term a velocity MSE. t clamped (ours)."""
+    return 1 / t.clamp_min(t_min) ** 2
+
+
+def bin_losses(t, loss, bins=4):
+    """Mean loss per time bin [0, 1/bins), ...: shows where in t the model is weak (NaN for an empty bin)."""
+    idx = (t * bins).long().clamp(max=bins - 1)
+    return [loss[idx == b].mean().item() if (idx == b).any() else float("nan") for b in range(bins)]
+
+
+# -----------------------------------------------------------------------------
+# the loss of one training step
+
+def selfe_loss(model, ema, x0, ids, null_ids, t, s, order, eps, eps2, fake=None, energy_preserving=True,
+               live=None):
+    """The training loss of one batch, with ONE forward pass with gradient (Eqs. 7-21).
+
+    model: the live network (possibly DDP-wrapped: it takes the gradient pass); ema: its EMA (the
+    conditional evaluator, paper S.2); live: the plain live module for the no-grad passes (default: model).
+    x0 (B, C, H, W) data, ids (B, L) captions (all zeros where the caption was dropped), null_ids (1, L).
+    t, s, order from sample_t / sample_s: order[:B//2] jump (s < t) and get self-evaluated.
+    eps, eps2: noise for x_t and for re-noising the landing point.
+    fake: None, or a dict for the auxiliary fake-score term (appendix S.1.2): ids (B, L), the prompts
+      c_fake = "fake image" + caption, and rider: None or an earlier step's landings (the model's own
+      samples) dict(x=x_s_hat, s, x0_hat, ids=their c_fake), which ride in this batch to train the fake branch.
+    Returns (total, parts, landing): parts = dict of floats (data, self, fake, per-time-bin data losses);
+    landing = dict(x, s, x0_hat, jump) of this step's re-noised landing points, for the fake branch."""
+    B = x0.shape[0]
+    x_t = add_noise(x0, eps, t)
+    rider = fake["rider"] if fake is not None else None
+    inputs = (x_t, t, s, ids)
+    if rider is not None:  # the fake branch rides in the same batch: G(sg[x_s_hat], s, s, c_fake)
+        inputs = (torch.cat([x_t, rider["x"]]), torch.cat([t, rider["s"]]), torch.cat([s, rider["s"]]),
+                  torch.cat([ids, rider["ids"]]))
+    out = G(model, *inputs)                       # one pass with gradient
+    x0_hat = out[:B]                              # G(x_t, t, s, c)
+
+    # self-evaluation on the jumping half (s < t), without gradient       Eqs. 8-15
+    jump = order[: B // 2]
+    lam = torch.zeros_like(t)
+    x_self = stopgrad(x0_hat).clone()
+    landing = None
+    if len(jump) > 0:
+        tj, sj = t[jump], s[jump]
+        x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)   # alpha_s sg[x0_hat] + sigma_s eps'
+        with torch.no_grad():
+            G_c = G(ema, x_s_hat, sj, sj, ids[jump])                  # conditional: EMA weights
+            live = model if live is None else live
+            G_phi = G(live, x_s_hat, sj, sj, null_ids.expand(len(jump), -1))   # unconditional: live weights
+            G_fake = G(live, x_s_hat, sj, sj, fake["ids"][jump]) if fake is not None else None
+        delta = self_eval_direction(G_phi, G_c, G_fake)
+        has_caption = (ids[jump] != 0).any(1)
+        delta = delta * bcast(has_caption.float())                   # dropped caption: no self-evaluation
+        x_self[jump] = self_eval_target(x0_hat[jump], delta)          # Eq. 14
+        lam[jump] = lambda_st(sj, tj) * has_caption.float()           # Eq. 17 (0 where s = t)
+        landing = dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]), jump=jump)
+
+    w = time_weight(t)
+    data_l = per_sample_mse(x0_hat, x0)                               # Eq. 7
+    self_l = lam * per_sample_mse(x0_hat, x_self)                     # Eq. 16, second term
+    if energy_preserving:
+        per_sample = per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))  # Eq. 20
+    else:
+        per_sample = data_l + self_l                                  # Eq. 16
+    total = (w * per_sample).mean()                                   # Eq. 21
+    parts = dict(data=(w * data_l).mean().item(), self=(w * self_l).mean().item(), fake=0.0)
+    if rider is not None:  # L_fake = ||G(sg[x_s_hat], s, s, c_fake) - sg[x0_hat]||^2   (Eq. s.8), weight 1 (ours)
+        fake_l = time_weight(rider["s"]) * per_sample_mse(out[B:], rider["x0_hat"])
+        total = total + fake_l.sum() / B
+        parts["fake"] = fake_l.mean().item()
+    for b, v in enumerate(bin_losses(t, w * data_l)):
+        parts[f"data_t{b}"] = v
+    return total, parts, landing
+
+
+def flow_loss(model, x0, ids, t, eps):
+    """Plain conditional flow matching, the baseline: s = t always, w_t ||G(x_t, t, t, c) - x0||^2 (Eq. 7, 21)."""
+    x_t = add_noise(x0, eps, t)
+    data_l = time_weight(t) * per_sample_mse(G(model, x_t, t, t, ids), x0)
+    parts = dict(data=data_l.mean().item(), self=0.0, fake=0.0)
+    for b, v in enumerate(bin_losses(t, data_l)):
+        parts[f"data_t{b}"] = v
+    return data_l.mean(), parts, None

@@ -1,0 +1,142 @@
+"""Prompts in, PNG grids out.
+
+    python sample.py --steps 1                         # the default run's EMA weights, built-in prompts
+    python sample.py --steps 1 2 4 8 50                # one column per step count
+    python sample.py --prompt "a red circle left of a blue square" --n 4 --cfg 3 --eta 1 --out my.png
+
+Rows are prompts (n images each), columns step counts. An existing output file is never overwritten:
+the grid goes to the next free name (grid-1.png, ...) and the script says so.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import losses
+import model as models
+import sampler
+
+DEFAULT_PROMPTS = [
+    "a red circle",
+    "two squares",
+    "a blue triangle and a yellow circle",
+    "a square left of a circle",
+    "a green triangle above a pink square",
+    "three circles",
+    "a white square and a purple triangle",
+    "a black circle below a triangle",
+]
+DEFAULT_CKPT = "runs/shapes/ckpt.pt"
+
+
+def load(path):
+    """A checkpoint's EMA model (eval mode), tokenizer and config."""
+    import train
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}. Train one first: python train.py "
+                         f"(about 15 minutes on a CPU), or pass --ckpt PATH")
+    ckpt = train.load_checkpoint(path)
+    cfg = ckpt["config"]
+    tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
+    net = models.build(cfg["model"], tok.vocab_size, cfg["max_text_len"], cfg["image_size"],
+                       cfg.get("prediction", "v"))
+    net.load_state_dict(ckpt["ema"])
+    return net.eval(), tok, cfg
+
+
+def sampling_defaults(cfg, cfg_scale=None, eta=None, s_mode=None):
+    """Guidance, noise and target time: explicit values, else the run's, else the benchmark's best.
+    The flow-matching baseline never saw s != t, so it samples with s_k = t_k."""
+    return dict(cfg_scale=cfg_scale if cfg_scale is not None else (cfg.get("cfg") or 2.0),
+                eta=eta if eta is not None else 0.0,
+                s_mode=s_mode or ("same" if cfg["method"] == "flow" else "next"))
+
+
+def make_generate(net, tok, cfg, cfg_scale=None, eta=None, s_mode=None, device="cpu"):
+    """generate(prompts, steps) -> images (N, 3, H, W) in [-1, 1], for evaluate.py."""
+    opts = sampling_defaults(cfg, cfg_scale, eta, s_mode)
+    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+    net = net.to(device)
+
+    def generate(prompts, steps):
+        shape = (3, cfg["image_size"], cfg["image_size"])
+        return sampler.sample(net, tok(prompts), tok([""]), steps, mu, shape, cfg=opts["cfg_scale"],
+                              eta=opts["eta"], s_mode=opts["s_mode"], device=device).cpu()
+    return generate
+
+
+def free_path(path):
+    """path, or path-1, path-2, ... if it exists: never overwrite silently."""
+    root, ext = os.path.splitext(path)
+    k, out = 0, path
+    while os.path.exists(out):
+        k += 1
+        out = f"{root}-{k}{ext}"
+    if out != path:
+        print(f"{path} exists; writing {out} instead")
+    return out
+
+
+def grid_image(images, prompts, steps_list, n, scale=4):
+    """images: {steps: uint8 (P*n, H, W, 3)} -> one PIL grid, a column per step count, labels on top/left."""
+    h = images[steps_list[0]].shape[1] * scale
+    label_w, top, pad = 200, 16, 2
+    W = label_w + len(steps_list) * (h + pad)
+    H = top + len(prompts) * n * (h + pad)
+    grid = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, steps in enumerate(steps_list):
+        draw.text((label_w + j * (h + pad) + 2, 2), f"{steps} step" + ("s" if steps > 1 else ""), fill=(0, 0, 0))
+        for i, img in enumerate(images[steps]):
+            tile = Image.fromarray(img).resize((h, h), Image.NEAREST)
+            grid.paste(tile, (label_w + j * (h + pad), top + i * (h + pad)))
+    for i, p in enumerate(prompts):
+        draw.text((4, top + i * n * (h + pad) + h // 2 - 6), p[:34], fill=(0, 0, 0))
+    return grid
+
+
+def write_grid(net, tok, cfg, prompts, steps_list, path, n=1, seed=0, device="cpu", **opts):
+    """Sample every prompt n times at each step count (same noise per column) and save the grid."""
+    was_training = net.training
+    net.eval()
+    gen = make_generate(net, tok, cfg, device=device, **opts)
+    captions = [p for p in prompts for _ in range(n)]
+    images = {}
+    for steps in steps_list:
+        torch.manual_seed(seed)
+        images[steps] = data.to_uint8(gen(captions, steps))
+    net.train(was_training)
+    grid_image(images, prompts, steps_list, n).save(path)
+    return images
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_CKPT)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: 8 built-in prompts")
+    p.add_argument("--steps", type=int, nargs="+", default=[1])
+    p.add_argument("--n", type=int, default=2, help="images per prompt")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale omega (1 = none; paper: 5)")
+    p.add_argument("--eta", type=float, default=None, help="0: deterministic (Eq. 22), 1: DDIM-style noise")
+    p.add_argument("--s-mode", default=None, choices=["next", "same", "mid"], help="target time s_k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    args = p.parse_args()
+    if any(s < 1 for s in args.steps):
+        p.error("--steps must be positive integers")
+    net, tok, cfg = load(args.ckpt)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = args.prompt or DEFAULT_PROMPTS
+    out = free_path(args.out)
+    write_grid(net, tok, cfg, prompts, args.steps, out, n=args.n, seed=args.seed, device=device,
+               cfg_scale=args.cfg, eta=args.eta, s_mode=args.s_mode)
+    opts = sampling_defaults(cfg, args.cfg, args.eta, args.s_mode)
+    print(f"wrote {out}: {len(prompts)} prompts x {args.n}, steps {args.steps}, "
+          f"cfg {opts['cfg_scale']}, eta {opts['eta']}, s_k = {opts['s_mode']}")
+
+
+if __name__ == "__main__":
+    main()

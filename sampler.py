@@ -1,0 +1,56 @@
+"""The any-step sampler (paper Sec. 3.4, Eq. 22, S.2-S.3).
+
+A schedule 1 = t_0 > t_1 > ... > t_N = 0 (linear, warped by the training shift). At each step the network
+jumps from t_k towards the target time s_k (default s_k = t_{k+1}): x0_hat = G(x_{t_k}, t_k, s_k, c).
+The DDIM-style update re-noises x0_hat to t_{k+1}; with eta = 0 it is exactly Eq. 22,
+    x_{t_{k+1}} = x_{t_k} - (t_k - t_{k+1}) V(x_{t_k}, t_k, s_k, c),
+and eta = 1 replaces the predicted noise by fresh noise as far as the DDIM posterior allows.
+Guidance is energy-preserving CFG (Zhang et al. 2412.09966): the guided velocity rescaled to ||V_c||.
+One step costs one network evaluation per image (two with guidance).
+"""
+import torch
+
+from losses import alpha, bcast, shift, sigma
+
+
+def schedule(steps, mu):
+    """t_0 = 1 > ... > t_steps = 0: linear, warped by the resolution shift. (steps + 1,)"""
+    return shift(torch.linspace(1, 0, steps + 1), mu)
+
+
+def target_time(t, t_next, s_mode):
+    """s_k: 'next' = t_{k+1} (default, best at few steps), 'same' = t_k (plain flow matching), 'mid'."""
+    return {"next": t_next, "same": t, "mid": (t + t_next) / 2}[s_mode]
+
+
+def ep_cfg(v_c, v_u, omega):
+    """Energy-preserving CFG: V = V_c + (omega - 1)(V_c - V_u), rescaled per sample to ||V_c||."""
+    v = v_c + (omega - 1) * (v_c - v_u)
+    norm = lambda x: x.flatten(1).norm(dim=1).clamp_min(1e-8)
+    return v * bcast(norm(v_c) / norm(v))
+
+
+@torch.no_grad()
+def sample(model, ids, null_ids, steps, mu, shape, cfg=1.0, eta=0.0, s_mode="next", generator=None,
+           device="cpu"):
+    """Generate len(ids) images of `shape` (C, H, W) from noise in `steps` steps. Returns (B, C, H, W) in ~[-1, 1]."""
+    B = ids.shape[0]
+    x = torch.randn(B, *shape, generator=generator).to(device)                  # x_{t_0} = x_1: pure noise
+    ids, null = ids.to(device), null_ids.to(device).expand(B, -1)
+    ts = schedule(steps, mu).tolist()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        s = target_time(t, t_next, s_mode)
+        tb, sb = torch.full((B,), t, device=device), torch.full((B,), s, device=device)
+        if cfg == 1.0:
+            v = model(x, tb, sb, ids)
+        else:  # conditional and unconditional in one batch: 2 evaluations per image
+            v_c, v_u = model(torch.cat([x, x]), tb.repeat(2), sb.repeat(2), torch.cat([ids, null])).chunk(2)
+            v = ep_cfg(v_c, v_u, cfg)
+        x0_hat = x - t * v                                                      # G = x_t - t V (Eq. 6)
+        eps_hat = (x - alpha(t) * x0_hat) / sigma(t)                            # the noise x_t implies
+        # DDIM posterior noise level at t_next (0 when t_next = 0, everything fresh when t = 1)
+        ratio = (alpha(t) * sigma(t_next) / (alpha(t_next) * sigma(t))) if t_next > 0 else 0.0
+        c = eta * sigma(t_next) * max(0.0, 1 - ratio ** 2) ** 0.5
+        z = torch.randn(x.shape, generator=generator).to(device) if c > 0 else 0.0
+        x = alpha(t_next) * x0_hat + (sigma(t_next) ** 2 - c ** 2) ** 0.5 * eps_hat + c * z
+    return x

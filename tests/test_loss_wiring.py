@@ -1,0 +1,103 @@
+"""selfe_loss wires Eqs. 7-21 together as the paper says: which pass sees which weights, time and prompt."""
+import torch
+
+import losses
+
+
+class Fixed(torch.nn.Module):
+    """A 'network' whose clean-sample head is a given tensor: V = (x - out) / t, so G = out.
+    It records the calls it gets."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.calls = out, []
+
+    def forward(self, x, t, s, ids):
+        self.calls.append(dict(n=x.shape[0], t=t.clone(), s=s.clone(), ids=ids.clone()))
+        out = self.out if self.out.shape[0] == x.shape[0] else self.out[: x.shape[0]]
+        return (x - out) / t.view(-1, 1, 1, 1)
+
+
+def setup(B=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, 3, 4, 4, generator=g)
+    ids = torch.randint(1, 9, (B, 5), generator=g)
+    ids[1] = 0  # a dropped caption
+    t = torch.rand(B, generator=g) * 0.8 + 0.1
+    s, order = losses.sample_s(t, 1.0, g)
+    eps, eps2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    return x0, ids, t, s, order, eps, eps2
+
+
+def test_self_evaluation_passes_and_gradient():
+    B = 8
+    x0, ids, t, s, order, eps, eps2 = setup(B)
+    P = torch.randn(B, 3, 4, 4, requires_grad=True)     # G(x_t, t, s, c) of the live network
+    C, U = torch.randn(B // 2, 3, 4, 4), torch.randn(B // 2, 3, 4, 4)
+    net, ema, live = Fixed(P), Fixed(C), Fixed(U)
+    null = torch.zeros(1, 5, dtype=torch.long)
+    total, parts, landing = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2,
+                                              energy_preserving=False, live=live)
+    # one pass with gradient on the whole batch; two no-grad passes on the jumping half, at time s, s
+    jump = order[: B // 2]
+    assert len(net.calls) == 1 and net.calls[0]["n"] == B
+    assert ema.calls[0]["n"] == B // 2 and live.calls[0]["n"] == B // 2
+    for c in (ema.calls[0], live.calls[0]):
+        assert torch.equal(c["t"], s[jump]) and torch.equal(c["s"], s[jump])
+    assert torch.equal(ema.calls[0]["ids"], ids[jump])     # conditional evaluation: EMA weights, prompt c
+    assert (live.calls[0]["ids"] == 0).all()               # unconditional: live weights, empty prompt phi
+    # the landing point is re-noised from sg[x0_hat] with fresh noise: alpha_s x0_hat + sigma_s eps'
+    sj = s[jump].view(-1, 1, 1, 1)
+    assert torch.allclose(landing["x"], (1 - sj) * P.detach()[jump] + sj * eps2[jump], atol=1e-6)
+    # gradient: w_t / B * (2 (x0_hat - x0) + 2 lambda (G_phi - G_c)) / D   (Eqs. 7, 14, 16, 17, 21)
+    total.backward()
+    D = P[0].numel()
+    lam = torch.zeros(B)
+    has_caption = (ids[jump] != 0).any(1).float()
+    lam[jump] = losses.lambda_st(s[jump], t[jump]) * has_caption
+    delta = torch.zeros_like(P)
+    delta[jump] = (U - C) * has_caption.view(-1, 1, 1, 1)
+    w = losses.time_weight(t).view(-1, 1, 1, 1)
+    expected = w / B * (2 * (P.detach() - x0) + 2 * lam.view(-1, 1, 1, 1) * delta) / D
+    assert torch.allclose(P.grad, expected, atol=1e-5)
+    assert parts["self"] > 0 and parts["data"] > 0
+
+
+def test_energy_preserving_loss_regresses_onto_the_renormalised_target():
+    B = 8
+    x0, ids, t, s, order, eps, eps2 = setup(B, seed=1)
+    P = torch.randn(B, 3, 4, 4, requires_grad=True)
+    C, U = torch.randn(B // 2, 3, 4, 4), torch.randn(B // 2, 3, 4, 4)
+    null = torch.zeros(1, 5, dtype=torch.long)
+    total, _, _ = losses.selfe_loss(Fixed(P), Fixed(C), x0, ids, null, t, s, order, eps, eps2, live=Fixed(U))
+    jump = order[: B // 2]
+    has_caption = (ids[jump] != 0).any(1).float()
+    x_self = P.detach().clone()
+    x_self[jump] = P.detach()[jump] - (U - C) * has_caption.view(-1, 1, 1, 1)
+    lam = torch.zeros(B)
+    lam[jump] = losses.lambda_st(s[jump], t[jump]) * has_caption
+    target = losses.energy_preserving_target(x0, x_self, lam)
+    expected = (losses.time_weight(t) * (P.detach() - target).pow(2).flatten(1).mean(1)).mean()
+    assert torch.allclose(total, expected, atol=1e-6)
+    stay = order[B // 2:]   # samples with s = t regress onto the data: lambda = 0 gives x_renorm = x0
+    assert torch.allclose(target[stay], x0[stay], atol=1e-6)
+
+
+def test_fake_branch_rides_in_the_batch():
+    B = 8
+    x0, ids, t, s, order, eps, eps2 = setup(B, seed=2)
+    n = 2
+    rider = dict(x=torch.randn(n, 3, 4, 4), s=torch.tensor([0.3, 0.6]), x0_hat=torch.randn(n, 3, 4, 4),
+                 ids=torch.full((n, 5), 7))
+    P = torch.randn(B + n, 3, 4, 4, requires_grad=True)
+    C, U = torch.randn(B // 2, 3, 4, 4), torch.randn(B // 2, 3, 4, 4)
+    net = Fixed(P)
+    fake = dict(ids=torch.full((B, 5), 3), rider=rider)
+    total, parts, _ = losses.selfe_loss(net, Fixed(C), x0, ids, torch.zeros(1, 5, dtype=torch.long), t, s, order,
+                                        eps, eps2, fake=fake, live=Fixed(U))
+    call = net.calls[0]
+    assert call["n"] == B + n                                    # still one pass with gradient
+    assert torch.equal(call["t"][B:], rider["s"]) and torch.equal(call["s"][B:], rider["s"])
+    assert torch.equal(call["ids"][B:], rider["ids"])            # the fake prompt
+    fake_l = losses.time_weight(rider["s"]) * (P.detach()[B:] - rider["x0_hat"]).pow(2).flatten(1).mean(1)
+    assert abs(parts["fake"] - fake_l.mean().item()) < 1e-5      # Eq. s.8

@@ -1,0 +1,98 @@
+"""The whole: train a few steps, kill, resume, sample, evaluate; checkpoints round-trip and refuse foreign files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--batch-size", "32", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2"]
+
+
+def run(*args, check=True, timeout=300):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def ckpt_step(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["step"]
+    except Exception:
+        return -1
+
+
+def test_kill_resume_is_exact_then_sample_and_evaluate(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    steps = ["--max-steps", "12", "--ckpt-every", "3"]
+    run("train.py", *SMALL, *steps, "--out", a)
+    # the same run, killed (SIGKILL: no chance to clean up) after its first checkpoint, then resumed
+    p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = os.path.join(b, "ckpt.pt")
+    deadline = time.time() + 240
+    while ckpt_step(ck) < 3 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = ckpt_step(ck)
+    assert 3 <= killed_at < 12, f"the run was not killed mid-way (checkpoint at step {killed_at})"
+    r = run("train.py", "--resume", "--out", b)
+    assert "done: 12 steps" in r.stdout
+    A = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    B = torch.load(ck, weights_only=True)
+    assert A["step"] == B["step"] == 12
+    for key in ("model", "ema"):
+        for name, tensor in A[key].items():
+            assert torch.allclose(tensor, B[key][name], atol=1e-6), f"{key}.{name} differs after resume"
+    # the log has the loss parts and per-time-bin losses
+    rec = json.loads(open(os.path.join(a, "log.jsonl")).readline())
+    assert {"data", "self", "fake", "data_t0", "data_t3", "img_per_s", "lr", "tau"} <= set(rec)
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in A["model"])
+    # sample at 1 and 4 steps; never overwrite
+    out = str(tmp_path / "grid.png")
+    r = run("sample.py", "--ckpt", ck, "--steps", "1", "4", "--n", "1", "--prompt", "a red circle", "--out", out)
+    assert os.path.getsize(out) > 0
+    r = run("sample.py", "--ckpt", ck, "--steps", "1", "--n", "1", "--prompt", "a red circle", "--out", out)
+    assert os.path.exists(str(tmp_path / "grid-1.png")) and "exists" in r.stdout
+    # evaluate the checkpoint at two step counts: a table, a JSON and a plot
+    r = run("evaluate.py", "--ckpt", ck, "--steps", "1", "2", "--per-task", "2", "--n", "1", "--out", str(tmp_path))
+    rows = json.load(open(tmp_path / "shapes_eval.json"))["rows"]
+    assert set(rows) == {"1", "2"} and 0 <= rows["1"]["overall"] <= 1
+    assert os.path.exists(tmp_path / "shapes_eval.png")
+
+
+def test_refuses_to_clobber_and_explains(tmp_path):
+    run("train.py", *SMALL, "--max-steps", "2", "--batch-size", "4", "--out", str(tmp_path))
+    r = run("train.py", *SMALL, "--max-steps", "2", "--out", str(tmp_path), check=False)
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = run("train.py", "--resume", "--out", str(tmp_path / "empty"), check=False)
+    assert r.returncode != 0 and "no " in r.stderr
+
+
+def test_sample_without_or_with_a_foreign_checkpoint(tmp_path):
+    r = run("sample.py", "--ckpt", str(tmp_path / "none.pt"), check=False)
+    assert r.returncode != 0 and "python train.py" in r.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    r = run("sample.py", "--ckpt", str(junk), check=False)
+    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    r = run("sample.py", "--ckpt", str(tmp_path / "foreign.pt"), check=False)
+    assert r.returncode != 0 and "not a checkpoint of this project" in r.stderr
+
+
+def test_flow_method_and_fake_term_run(tmp_path):
+    run("train.py", *SMALL, "--max-steps", "3", "--batch-size", "8", "--method", "flow", "--out", str(tmp_path / "f"))
+    run("train.py", *SMALL, "--max-steps", "4", "--batch-size", "8", "--fake-start", "0.25", "--out", str(tmp_path / "k"))
+    recs = [json.loads(l) for l in open(tmp_path / "k" / "log.jsonl")]
+    assert recs[-1]["fake_on"] and recs[-1]["fake"] > 0
+    f = [json.loads(l) for l in open(tmp_path / "f" / "log.jsonl")]
+    assert all(r["self"] == 0 for r in f)
+    cfg = torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["config"]
+    assert cfg["method"] == "flow"
