@@ -65,7 +65,8 @@ def train(name, args):
         subprocess.run(cmd, check=True)
         open(done, "w").close()
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    return dict(steps=log[-1]["step"], minutes=log[-1]["minutes"],
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    return dict(steps=ckpt["step"], minutes=round(ckpt["elapsed"] / 60, 2),
                 img_per_s=round(float(np.median([r["img_per_s"] for r in log])), 1), final_loss=log[-1]["loss"])
 
 

@@ -143,6 +143,7 @@ def selfe_loss(model, ema, x0, ids, null_ids, t, s, order, eps, eps2, fake=None,
     Returns (total, parts, landing): parts = dict of floats (data, self, fake, per-time-bin data losses);
     landing = dict(x, s, x0_hat, jump) of this step's re-noised landing points, for the fake branch."""
     B = x0.shape[0]
+    live = model if live is None else live
     x_t = add_noise(x0, eps, t)
     rider = fake["rider"] if fake is not None else None
     inputs = (x_t, t, s, ids)
@@ -162,7 +163,6 @@ def selfe_loss(model, ema, x0, ids, null_ids, t, s, order, eps, eps2, fake=None,
         x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)   # alpha_s sg[x0_hat] + sigma_s eps'
         with torch.no_grad():
             G_c = G(ema, x_s_hat, sj, sj, ids[jump])                  # conditional: EMA weights
-            live = model if live is None else live
             G_phi = G(live, x_s_hat, sj, sj, null_ids.expand(len(jump), -1))   # unconditional: live weights
             G_fake = G(live, x_s_hat, sj, sj, fake["ids"][jump]) if fake is not None else None
         delta = self_eval_direction(G_phi, G_c, G_fake)

@@ -199,7 +199,8 @@ def main(argv=None):
               f" | device {device} x{world} | {args.precision} | compile {args.compile} | out {args.out}")
         if args.max_minutes:
             print(f"training for {args.max_minutes:g} minutes (or {args.max_steps} steps)"
-                  + ("; on a 2-core CPU the defaults give recognisable shapes in ~15 minutes" if device_type == "cpu" else ""))
+                  + ("; on a 2-core CPU expect the prompts' colours in roughly the right places after 15 minutes"
+                     " (clean shapes need longer; see README)" if device_type == "cpu" else ""))
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         tok.save(os.path.join(args.out, "tokenizer.json"))

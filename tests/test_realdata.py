@@ -134,3 +134,26 @@ def test_missing_or_empty_data_dir_explains_the_layout(tmp_path):
                             str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
         assert r.returncode != 0
         assert "img2dataset" in r.stderr and "--output_format webdataset" in r.stderr
+
+
+def test_train_on_shards_trains_saves_and_reuses_the_tokenizer(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        members = []
+        for i in range(12):
+            k = f"{s:05d}{i:04d}"
+            members += [(f"{k}.jpg", encode(rgb(i), "JPEG")), (f"{k}.txt", f"a photo number {i} of a cat".encode())]
+        write_tar(shards / f"{s:05d}.tar", members)
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", "--dataset", "cc3m", "--data-dir", str(shards), "--image-size", "16",
+            "--batch-size", "4", "--max-minutes", "0", "--sample-every", "0", "--vocab-size", "64", "--out", str(out)]
+    r = subprocess.run([*args, "--max-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = (out / "tokenizer.json").read_text()
+    assert "cat" in saved and "fake" in saved  # trained on the shards' captions (and the fake prompt)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["tokenizer"] == saved and ck["config"]["image_size"] == 16
+    r = subprocess.run([*args, "--resume", "--max-steps", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "done: 3 steps" in r.stdout, r.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == saved
