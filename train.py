@@ -28,6 +28,7 @@ from tqdm import tqdm
 import data
 import losses
 import model as models
+import sample
 
 
 def get_args(argv=None):
@@ -173,7 +174,7 @@ def main(argv=None):
                                        rank, world, seed=args.seed + start_step)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                               pin_memory=device_type == "cuda", persistent_workers=workers > 0))
-    null_ids = tok([""])                                                        # (1, L): the empty prompt phi
+    null_ids = tok([""]).to(device)                                             # (1, L): the empty prompt phi
 
     # ---- model, EMA, optimiser ----
     torch.manual_seed(args.seed)
@@ -262,7 +263,7 @@ def main(argv=None):
                             fake_ids = tok(["fake image " + c for c in captions]).to(device)
                             fake = dict(ids=fake_ids, rider=rider)
                         loss, parts, landing = losses.selfe_loss(
-                            net, ema_eval, x0, ids, null_ids.to(device), t, s.to(device), order.to(device),
+                            net, ema_eval, x0, ids, null_ids, t, s.to(device), order.to(device),
                             eps, eps2, fake=fake, energy_preserving=not args.no_energy_preserving,
                             live=live)
                         if use_fake and landing is not None:  # this step's landings train the fake branch next step
@@ -297,7 +298,6 @@ def main(argv=None):
                                  "min": f"{elapsed / 60:.1f}" + (f"/{args.max_minutes:g}" if args.max_minutes else "")})
         bar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:
-            import sample
             sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
                               os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
         if step % args.ckpt_every == 0:
@@ -307,7 +307,6 @@ def main(argv=None):
     checkpoint(step)
     bar.close()
     if master:
-        import sample
         sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
                           os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
         print(f"done: {step} steps in {elapsed / 60:.1f} min; checkpoint {ckpt_path}; "
