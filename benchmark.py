@@ -233,7 +233,7 @@ def main():
             print(name, json.dumps({k: round(v["overall"], 3) for k, v in res["eval"][name].items()}), flush=True)
             save()
     sampling = {"s_k = t_k (same)": dict(s_mode="same"), "s_k = midpoint": dict(s_mode="mid"),
-                "eta = 1": dict(eta=1.0), **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 3.0, 5.0)}}
+                "eta = 1": dict(eta=1.0), **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 2.0, 3.0, 5.0)}}
     for label, opts in sampling.items():
         if label not in res.setdefault("sampling", {}):
             res["sampling"][label] = score("selfe", args, steps=[1, 2, 4, 8], **opts)

@@ -74,7 +74,8 @@ def get_args(argv=None):
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--sample-every", type=int, default=500, help="sample grids at 1/2/4/8 steps (0: never)")
     g.add_argument("--ckpt-every", type=int, default=250)
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale stored for sampling (default 2.0)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale stored for sampling (default 1.0 for selfe, 2.0 for flow: bench15)")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.given = sorted({a.dest for a in p._actions for x in argv if x.split("=")[0] in a.option_strings})
