@@ -77,27 +77,17 @@ def score(name, args, steps=STEPS, **opts):
 
 def cost(args):
     """Step-time ratio Self-E / flow at the same batch, sampling images/s per step count, peak memory."""
-    import copy
     import losses
-    import model as models
     torch.manual_seed(0)
-    B = 64
-    net = models.build("tiny", 128, 16, 32)
-    ema = copy.deepcopy(net).requires_grad_(False)
+    net, ema, x0, ids, null = tiny_setup()
     opt = torch.optim.Adam(net.parameters())
     g = torch.Generator().manual_seed(0)
-    x0, ids, null = torch.randn(B, 3, 32, 32), torch.randint(1, 128, (B, 16)), torch.zeros(1, 16, dtype=torch.long)
 
     def step(method):
-        t = losses.sample_t(B, 0.4, g)
+        t = losses.sample_t(len(x0), 0.4, g)
         eps, eps2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
         t0 = time.perf_counter()
-        if method == "flow":
-            loss, _, _ = losses.flow_loss(net, x0, ids, t, eps)
-        else:
-            s, order = losses.sample_s(t, 1.0, g)
-            loss, _, _ = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)
-        loss.backward()
+        step_loss(method, net, ema, x0, ids, null, t, eps, eps2, g).backward()
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - t0
@@ -130,24 +120,32 @@ def cost(args):
 def peak_memory_child(method):
     """Run in a fresh process: a few training steps; print how much they raised the process's peak resident
     memory, in MB (peak after the steps minus peak before them)."""
-    import copy
     import losses
+    net, ema, x0, ids, null = tiny_setup()
+    before = peak_rss_kb()
+    for _ in range(3):
+        t = losses.sample_t(len(x0), 0.4)
+        step_loss(method, net, ema, x0, ids, null, t, torch.randn_like(x0), torch.randn_like(x0)).backward()
+    print((peak_rss_kb() - before) / 1024)
+
+
+def tiny_setup(B=64):
+    """The default CPU model, its EMA and one batch of the shapes size (batch B, 32 px, 16 text tokens)."""
+    import copy
     import model as models
-    B = 64
     net = models.build("tiny", 128, 16, 32)
     ema = copy.deepcopy(net).requires_grad_(False)
     x0, ids, null = torch.randn(B, 3, 32, 32), torch.randint(1, 128, (B, 16)), torch.zeros(1, 16, dtype=torch.long)
-    before = peak_rss_kb()
-    for _ in range(3):
-        t = losses.sample_t(B, 0.4)
-        eps, eps2 = torch.randn_like(x0), torch.randn_like(x0)
-        if method == "flow":
-            loss, _, _ = losses.flow_loss(net, x0, ids, t, eps)
-        else:
-            s, order = losses.sample_s(t, 1.0)
-            loss, _, _ = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)
-        loss.backward()
-    print((peak_rss_kb() - before) / 1024)
+    return net, ema, x0, ids, null
+
+
+def step_loss(method, net, ema, x0, ids, null, t, eps, eps2, g=None):
+    """The training loss of one batch for either method (s drawn with tau = 1 for Self-E)."""
+    import losses
+    if method == "flow":
+        return losses.flow_loss(net, x0, ids, t, eps)[0]
+    s, order = losses.sample_s(t, 1.0, g)
+    return losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)[0]
 
 
 def peak_rss_kb():

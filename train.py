@@ -217,6 +217,10 @@ def main(argv=None):
                             step=step, elapsed=elapsed, rng=rngs, config=vars(args),
                             tokenizer=tok.json)
 
+    def grid(step):  # EMA samples of a few prompts at 1, 2, 4, 8 steps
+        sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
+                          os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
+
     # ---- the loop ----
     B = args.batch_size
     step, rider, t_start = start_step, None, time.time() - elapsed
@@ -299,8 +303,7 @@ def main(argv=None):
                                  "min": f"{elapsed / 60:.1f}" + (f"/{args.max_minutes:g}" if args.max_minutes else "")})
         bar.update(1)
         if master and args.sample_every and step % args.sample_every == 0:
-            sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
-                              os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
+            grid(step)
         if step % args.ckpt_every == 0:
             elapsed = time.time() - t_start
             checkpoint(step)
@@ -308,8 +311,7 @@ def main(argv=None):
     checkpoint(step)
     bar.close()
     if master:
-        sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
-                          os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
+        grid(step)
         print(f"done: {step} steps in {elapsed / 60:.1f} min; checkpoint {ckpt_path}; "
               f"try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
     if ddp:

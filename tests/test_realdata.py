@@ -31,6 +31,19 @@ def write_tar(path, members):
             tar.addfile(info, io.BytesIO(payload))
 
 
+def write_shards(folder, n_shards, per_shard, caption):
+    """n_shards clean shards of per_shard JPEG samples with keys SSSSSIIII; caption(key, i) -> str. Returns the keys."""
+    keys = []
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            k = f"{s:05d}{i:04d}"
+            members += [(f"{k}.jpg", encode(rgb(i), "JPEG")), (f"{k}.txt", caption(k, i).encode())]
+            keys.append(k)
+        write_tar(folder / f"{s:05d}.tar", members)
+    return keys
+
+
 @pytest.fixture
 def messy_shard(tmp_path):
     """One shard with every kind of sample img2dataset (and the web) produces. Returns (dir, good captions)."""
@@ -92,14 +105,7 @@ def test_flip_swaps_left_and_right():
 
 @pytest.mark.parametrize("n_shards", [5, 1])
 def test_shards_split_across_ranks_and_workers_without_overlap(tmp_path, n_shards):
-    keys = []
-    for s in range(n_shards):
-        members = []
-        for i in range(7):
-            k = f"{s:05d}{i:04d}"
-            members += [(f"{k}.jpg", encode(rgb(i), "JPEG")), (f"{k}.txt", k.encode())]
-            keys.append(k)
-        write_tar(tmp_path / f"{s:05d}.tar", members)
+    keys = write_shards(tmp_path, n_shards, 7, lambda k, i: k)
     seen = []
     world, workers = 2, 2
     for rank in range(world):
@@ -139,12 +145,7 @@ def test_missing_or_empty_data_dir_explains_the_layout(tmp_path):
 def test_train_on_shards_trains_saves_and_reuses_the_tokenizer(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
-    for s in range(2):
-        members = []
-        for i in range(12):
-            k = f"{s:05d}{i:04d}"
-            members += [(f"{k}.jpg", encode(rgb(i), "JPEG")), (f"{k}.txt", f"a photo number {i} of a cat".encode())]
-        write_tar(shards / f"{s:05d}.tar", members)
+    write_shards(shards, 2, 12, lambda k, i: f"a photo number {i} of a cat")
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "--dataset", "cc3m", "--data-dir", str(shards), "--image-size", "16",
             "--batch-size", "4", "--max-minutes", "0", "--sample-every", "0", "--vocab-size", "64", "--out", str(out)]
