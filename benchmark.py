@@ -1,15 +1,18 @@
 """Reproduce the paper's claims in miniature: Self-E against flow matching at equal wall-clock, measured.
 
-    python benchmark.py                                  # 30 CPU-minutes per method, then ShapesEval
+    python benchmark.py                                  # 30 minutes per method, then ShapesEval
     python benchmark.py --minutes 15 --out bench15       # a shorter budget
-    python benchmark.py --ablations                      # + no energy-preserving target, fake-score term
+    python benchmark.py --ablations                      # + no energy-preserving target, fake-score term,
+                                                         #   and Self-E with a second seed (noise)
     nohup python benchmark.py > bench.log 2>&1 &         # unattended; the same command again resumes it
+    python benchmark.py --ablations --jobs 2             # two runs at a time, one core each
 
 Both methods train the same architecture with the same batch, seed and wall-clock budget (train.py with
---max-minutes); each run resumes from its checkpoint if interrupted. Then every run is scored with
-ShapesEval at 1, 2, 4, 8 and 50 steps (4 images per prompt), Self-E also under sampling ablations
-(s_k = t_{k+1} / t_k / midpoint, eta 0 / 1, a CFG sweep), and the costs are measured in one process.
-Writes <out>/results.json (every number), results.md (the tables), overall_vs_steps.png and grid.png.
+--max-minutes); each run resumes from its checkpoint if interrupted. Then both are scored with
+ShapesEval at 1, 2, 4, 8 and 50 steps (4 images per prompt), the ablation runs at 1-8 steps, Self-E also
+under sampling ablations (s_k = t_{k+1} / t_k / midpoint, eta 0 / 1, a CFG sweep), and the costs are
+measured in one process. Writes <out>/results.json (every number), results.md (the tables),
+overall_vs_steps.png, ablations.png and grid.png.
 Finished pieces are cached in results.json, so a re-run only does what is missing.
 """
 import argparse
@@ -33,6 +36,7 @@ RUNS = {  # name: extra train.py arguments
     "selfe_no_ep": ["--no-energy-preserving"],      # ablation: Eq. 16 instead of the target of Eq. 20
     "selfe_fake_start": ["--fake-start", "0"],      # ablation: fake-score term from the start
     "selfe_fake_late": ["--fake-start", "0.75"],    # the paper's recipe: only for the last quarter
+    "selfe_seed1": ["--seed", "1"],                 # Self-E again, another seed: how large is run-to-run noise?
 }
 GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
 
@@ -45,24 +49,39 @@ def get_args():
     p.add_argument("--per-task", type=int, default=50, help="ShapesEval prompts per task")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at a time; with 2 on 2 cores each run gets one core (one thread)")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run")
     return p.parse_args()
 
 
-def train(name, args):
-    """Train one run to its budget (resuming it if it was interrupted); returns its training summary."""
-    out = os.path.join(args.out, "runs", name)
-    done = os.path.join(out, "DONE")
-    if not os.path.exists(done):
-        cmd = [sys.executable, "train.py", "--out", out]
-        if os.path.exists(os.path.join(out, "ckpt.pt")):
-            cmd += ["--resume"]
-        else:
-            cmd += ["--max-minutes", str(args.minutes), "--seed", str(args.seed), "--sample-every", "0",
-                    *RUNS[name], *args.train_args.split()]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        open(done, "w").close()
+def train(names, args):
+    """Train the runs to their budget, args.jobs at a time (each resumes if it was interrupted);
+    returns {name: training summary}."""
+    todo = [n for n in names if not os.path.exists(os.path.join(args.out, "runs", n, "DONE"))]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)  # concurrent runs share the cores evenly
+    for i in range(0, len(todo), args.jobs):
+        procs = []
+        for name in todo[i:i + args.jobs]:
+            out = os.path.join(args.out, "runs", name)
+            cmd = [sys.executable, "train.py", "--out", out]
+            if os.path.exists(os.path.join(out, "ckpt.pt")):
+                cmd += ["--resume"]
+            else:
+                cmd += ["--max-minutes", str(args.minutes), "--seed", str(args.seed), "--sample-every", "0",
+                        *RUNS[name], *args.train_args.split()]
+            print(" ".join(cmd), flush=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if args.jobs > 1 else None
+            procs.append((name, out, subprocess.Popen(cmd, env=env)))
+        for name, out, p in procs:
+            if p.wait() != 0:
+                raise SystemExit(f"error: training {name} failed (exit {p.returncode}); run the same command "
+                                 f"again to resume it")
+            open(os.path.join(out, "DONE"), "w").close()
+    return {name: summary(os.path.join(args.out, "runs", name)) for name in names}
+
+
+def summary(out):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     return dict(steps=ckpt["step"], minutes=round(ckpt["elapsed"] / 60, 2),
@@ -170,9 +189,10 @@ def targets(res):
 
 
 def write_report(res, args):
-    lines = [f"# Self-E vs flow matching on ShapesEval ({args.minutes:g} CPU-minutes per run)", "",
-             "Command: `python benchmark.py" + (f" --minutes {args.minutes:g}" if args.minutes != 30 else "")
-             + (" --ablations" if args.ablations else "") + "`", ""]
+    where = "one run at a time" if args.jobs == 1 else f"{args.jobs} runs at a time, the cores shared evenly"
+    lines = [f"# Self-E vs flow matching on ShapesEval ({args.minutes:g} minutes per run, {where})", "",
+             "Command: `python benchmark.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
+             f"Machine: {res['machine']}", ""]
     lines += ["## Training", "", "| run | steps | minutes | img/s | final loss |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['steps']} | {v['minutes']} | {v['img_per_s']} | {v['final_loss']:.4f} |"
               for k, v in res["train"].items()]
@@ -219,30 +239,36 @@ def main():
     res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     res["args"] = vars(args)
     names = list(RUNS) if args.ablations else ["flow", "selfe"]
-    for name in names:
-        res.setdefault("train", {})[name] = train(name, args)
-        save()
+    res["train"] = {**res.get("train", {}), **train(names, args)}
+    save()
     if "reference" not in res:
         res["reference"] = evaluate.floor_rows(args.per_task, args.n)
         save()
-    for name in names:
+    for name in names:  # the ablation runs at 1-8 steps: 50 steps would add ~4 CPU-minutes each
         if name not in res.setdefault("eval", {}):
-            res["eval"][name] = score(name, args)
+            res["eval"][name] = score(name, args, steps=STEPS if name in ("flow", "selfe") else STEPS[:-1])
             print(name, json.dumps({k: round(v["overall"], 3) for k, v in res["eval"][name].items()}), flush=True)
             save()
     sampling = {"s_k = t_k (same)": dict(s_mode="same"), "s_k = midpoint": dict(s_mode="mid"),
-                "eta = 1": dict(eta=1.0), **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 2.0, 3.0, 5.0)}}
+                "eta = 0": dict(eta=0.0), "eta = 1": dict(eta=1.0),
+                **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 2.0, 3.0, 5.0)}}
+    selfe_cfg = sample.load(os.path.join(args.out, "runs", "selfe", "ckpt.pt"))[2]
     for label, opts in sampling.items():
+        if sample.sampling_defaults(selfe_cfg, **opts) == sample.sampling_defaults(selfe_cfg):
+            continue  # the default sampler: that is Self-E's main row
         if label not in res.setdefault("sampling", {}):
-            res["sampling"][label] = score("selfe", args, steps=[1, 2, 4, 8], **opts)
+            res["sampling"][label] = score("selfe", args, steps=STEPS[:-1], **opts)
             save()
     res["targets"] = targets(res)
     if "cost" not in res:
         res["cost"] = cost(args)
     save()
-    evaluate.plot({n: res["eval"][n] for n in names}, os.path.join(args.out, "overall_vs_steps.png"),
+    evaluate.plot({n: res["eval"][n] for n in ("flow", "selfe")}, os.path.join(args.out, "overall_vs_steps.png"),
                   reference=res["reference"]["reference"]["overall"],
-                  title=f"ShapesEval, {args.minutes:g} CPU-minutes per method")
+                  title=f"ShapesEval, {args.minutes:g} training minutes per run")
+    if args.ablations:
+        evaluate.plot({n: res["eval"][n] for n in names if n != "flow"}, os.path.join(args.out, "ablations.png"),
+                      title=f"Self-E ablations, {args.minutes:g} training minutes per run")
     grid(res, args)
     write_report(res, args)
     print(open(os.path.join(args.out, "results.md")).read())

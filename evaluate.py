@@ -238,6 +238,7 @@ def plot(rows, path, reference=None, title="ShapesEval"):
     if reference is not None:
         ax.axhline(reference, ls="--", c="gray", label="ground truth")
     ax.set_xscale("log")
+    steps = sorted({int(s) for r in rows.values() for s in r})
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("ShapesEval overall")

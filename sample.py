@@ -49,11 +49,12 @@ def load(path):
 
 def sampling_defaults(cfg, cfg_scale=None, eta=None, s_mode=None):
     """Guidance, noise and target time: explicit values, else the run's, else the benchmark's best
-    (bench15: Self-E is best without extra guidance, its training already follows the classifier score;
-    flow matching at 1-2 steps is best with CFG 2). The flow baseline never saw s != t: it samples with s_k = t_k."""
+    (bench15: Self-E is best without extra guidance, its training already follows the classifier score,
+    and with the paper's stochastic update, eta = 1; flow matching at 1-2 steps is best with CFG 2 and
+    samples deterministically). The flow baseline never saw s != t: it samples with s_k = t_k."""
     flow = cfg["method"] == "flow"
     return dict(cfg_scale=cfg_scale if cfg_scale is not None else (cfg.get("cfg") or (2.0 if flow else 1.0)),
-                eta=eta if eta is not None else 0.0,
+                eta=eta if eta is not None else (0.0 if flow else 1.0),
                 s_mode=s_mode or ("same" if flow else "next"))
 
 

@@ -1,0 +1,52 @@
+"""benchmark.py: the issue's targets are judged right, and runs train two at a time, one core each, and resume."""
+import argparse
+import os
+import subprocess
+
+import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rows(scores):
+    return {str(k): {"overall": v} for k, v in zip(benchmark.STEPS, scores)}
+
+
+def test_targets_pass_and_miss_where_they_should():
+    good = {"eval": {"selfe": rows([0.50, 0.62, 0.64, 0.65, 0.66]), "flow": rows([0.05, 0.25, 0.55, 0.62, 0.67])}}
+    verdicts = [v[-1] for v in benchmark.targets(good).values()]
+    assert verdicts == [True, True, True, True, True, True]
+    bad = {"eval": {"selfe": rows([0.20, 0.30, 0.27, 0.40, 0.44]), "flow": rows([0.05, 0.16, 0.30, 0.40, 0.47])}}
+    verdicts = {k: v[-1] for k, v in benchmark.targets(bad).items()}
+    # 0.30 < 2 x 0.16; 0.30 < 0.9 x 0.44; 0.44 < 0.47 - 0.02; 0.30 -> 0.27 is a drop of 0.03; 0.20 < 0.7 x 0.44
+    assert not any(verdicts.values()), verdicts
+
+
+def test_two_runs_at_a_time_one_thread_each_then_cached(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    events, real_popen = [], subprocess.Popen
+
+    class Recorder(real_popen):
+        def __init__(self, cmd, env=None, **kw):
+            name = os.path.basename(cmd[cmd.index("--out") + 1])
+            events.append(("start", name, (env or {}).get("OMP_NUM_THREADS")))
+            self.name = name
+            super().__init__(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+        def wait(self, *a, **kw):
+            events.append(("wait", self.name, None))
+            return super().wait(*a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
+    args = argparse.Namespace(out=str(tmp_path), jobs=2, minutes=5.0, seed=0,
+                              train_args="--max-steps 2 --batch-size 8 --log-every 1 --ckpt-every 1")
+    out = benchmark.train(["flow", "selfe"], args)
+    # both start before the first is waited on, each with one thread (2 cores / 2 jobs)
+    assert events == [("start", "flow", "1"), ("start", "selfe", "1"), ("wait", "flow", None),
+                      ("wait", "selfe", None)]
+    assert out["flow"]["steps"] == out["selfe"]["steps"] == 2
+    assert all(os.path.exists(tmp_path / "runs" / n / "DONE") for n in ("flow", "selfe"))
+    events.clear()
+    again = benchmark.train(["flow", "selfe"], args)  # finished runs are not trained again
+    assert events == [] and again == out
