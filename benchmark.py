@@ -60,6 +60,7 @@ def train(names, args):
     returns {name: training summary}."""
     todo = [n for n in names if not os.path.exists(os.path.join(args.out, "runs", n, "DONE"))]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)  # concurrent runs share the cores evenly
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if args.jobs > 1 else None
     for i in range(0, len(todo), args.jobs):
         procs = []
         for name in todo[i:i + args.jobs]:
@@ -71,7 +72,6 @@ def train(names, args):
                 cmd += ["--max-minutes", str(args.minutes), "--seed", str(args.seed), "--sample-every", "0",
                         *RUNS[name], *args.train_args.split()]
             print(" ".join(cmd), flush=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if args.jobs > 1 else None
             procs.append((name, out, subprocess.Popen(cmd, env=env)))
         for name, out, p in procs:
             if p.wait() != 0:
