@@ -252,7 +252,7 @@ def main():
     sampling = {"s_k = t_k (same)": dict(s_mode="same"), "s_k = midpoint": dict(s_mode="mid"),
                 "eta = 0": dict(eta=0.0), "eta = 1": dict(eta=1.0),
                 **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 2.0, 3.0, 5.0)}}
-    selfe_cfg = sample.load(os.path.join(args.out, "runs", "selfe", "ckpt.pt"))[2]
+    selfe_cfg = json.load(open(os.path.join(args.out, "runs", "selfe", "config.json")))  # the run's train.py config
     for label, opts in sampling.items():
         if sample.sampling_defaults(selfe_cfg, **opts) == sample.sampling_defaults(selfe_cfg):
             continue  # the default sampler: that is Self-E's main row
