@@ -69,17 +69,20 @@ class TimeMLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a key padding mask."""
+    """Multi-head self-attention with a key padding mask; qk_norm: RMS-normalise queries and keys per head."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
 
     def forward(self, x, keep):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])          # (B, nh, T, hs)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
@@ -125,11 +128,11 @@ class TextEncoder(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block over the joint sequence [text tokens; image tokens]."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qk_norm)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -140,7 +143,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each image token to its patch of velocity."""
+    """adaLN, then a linear map from each image token to its patch of output (channels per pixel)."""
 
     def __init__(self, dim, patch, channels):
         super().__init__()
@@ -157,7 +160,7 @@ class DiT(nn.Module):
     """Text-to-image DiT with two time inputs: V(x_t, t, s, c)."""
 
     def __init__(self, vocab_size, max_text_len=24, image_size=32, channels=3,
-                 dim=128, depth=4, heads=4, patch=4, text_layers=2, prediction="x"):
+                 dim=128, depth=4, heads=4, patch=4, text_layers=2, prediction="x", conv_head=0, qk_norm=False):
         super().__init__()
         assert prediction in ("x", "v"), prediction
         self.prediction = prediction
@@ -169,8 +172,11 @@ class DiT(nn.Module):
         self.s_embed = TimeMLP(dim)  # MLP_s(sinusoid(t - s))   (paper S.2)
         self.text = TextEncoder(vocab_size, max_text_len, dim, heads, text_layers)
         self.text_proj = nn.Linear(dim, dim)  # pooled text -> added to the time embedding
-        self.blocks = nn.ModuleList([DiTBlock(dim, heads) for _ in range(depth)])
-        self.final = FinalLayer(dim, patch, channels)
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads, qk_norm) for _ in range(depth)])
+        # conv_head = k > 0: the last layer gives k features per pixel and a 3x3 convolution mixes them into
+        # the output, across patch seams (a per-patch linear head cannot make neighbouring patches agree)
+        self.final = FinalLayer(dim, patch, conv_head or channels)
+        self.conv = nn.Conv2d(conv_head, channels, 3, padding=1) if conv_head else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -188,9 +194,13 @@ class DiT(nn.Module):
         for block in self.blocks:  # zero-out adaLN modulation: every block starts as the identity
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
-        nn.init.zeros_(self.final.adaLN[-1].weight)  # zero-out the output layer: the head outputs 0 at start
+        nn.init.zeros_(self.final.adaLN[-1].weight)
         nn.init.zeros_(self.final.adaLN[-1].bias)
-        nn.init.zeros_(self.final.linear.weight)
+        if self.conv is None:  # zero-out the output layer: the head outputs 0 at start
+            nn.init.zeros_(self.final.linear.weight)
+        else:  # zero the convolution instead: zeroing both would leave neither a gradient
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
         nn.init.zeros_(self.final.linear.bias)
 
     def patchify(self, x):
@@ -200,8 +210,8 @@ class DiT(nn.Module):
         return x.reshape(B, g * g, p * p * C)                       # (B, T, p*p*C)
 
     def unpatchify(self, x):
-        B, T, _ = x.shape
-        p, g, C = self.patch, self.grid, self.channels
+        B, T, D = x.shape
+        p, g, C = self.patch, self.grid, D // self.patch ** 2
         x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)   # (B, C, g, p, g, p)
         return x.reshape(B, C, g * p, g * p)                        # (B, C, H, W)
 
@@ -214,7 +224,9 @@ class DiT(nn.Module):
         keep = torch.cat([txt_keep, torch.ones_like(img[..., 0], dtype=torch.bool)], dim=1)
         for block in self.blocks:
             h = block(h, c, keep)
-        out = self.unpatchify(self.final(h[:, txt.shape[1]:], c))    # image tokens only: (B, C, H, W)
+        out = self.unpatchify(self.final(h[:, txt.shape[1]:], c))    # image tokens only: (B, C or k, H, W)
+        if self.conv is not None:
+            out = self.conv(out)                                     # (B, C, H, W)
         if self.prediction == "v":
             return out
         # x-prediction: the head predicts the clean image and V follows from Eq. 6, V = (x_t - x0_hat) / t
@@ -226,10 +238,11 @@ def G(model, x_t, t, s, ids):
     return x_t - t.view(-1, 1, 1, 1) * model(x_t, t, s, ids)
 
 
-def build(size, vocab_size, max_text_len, image_size, prediction="x"):
+def build(size, vocab_size, max_text_len, image_size, prediction="x", **overrides):
+    """A DiT of a named size; overrides (dim, depth, heads, patch, conv_head, qk_norm, ...) replace its fields."""
     if size not in MODELS:
         raise ValueError(f"unknown model size {size!r}; choose from {list(MODELS)}")
-    return DiT(vocab_size, max_text_len, image_size, prediction=prediction, **MODELS[size])
+    return DiT(vocab_size, max_text_len, image_size, prediction=prediction, **{**MODELS[size], **overrides})
 
 
 if __name__ == "__main__":

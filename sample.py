@@ -42,7 +42,7 @@ def load(path):
     cfg = ckpt["config"]
     tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
     net = models.build(cfg["model"], tok.vocab_size, cfg["max_text_len"], cfg["image_size"],
-                       cfg.get("prediction", "v"))
+                       cfg.get("prediction", "x"), **cfg.get("arch", {}))
     net.load_state_dict(ckpt["ema"])
     return net.eval(), tok, cfg
 

@@ -39,7 +39,10 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=200_000)
     g.add_argument("--max-minutes", type=float, default=None,
-                   help="wall-clock budget; the LR decays over it (default 15 for shapes, none otherwise)")
+                   help="time budget; the LR decays over it (default 15 for shapes, none otherwise)")
+    g.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="what --max-minutes counts: wall-clock, or this process's CPU time (a run that shares "
+                        "the CPU with other work then still gets the same compute)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shapes", choices=["shapes", "cc3m", "folder"])
     g.add_argument("--data-dir", default=None, help="cc3m: img2dataset webdataset shards; folder: images + .txt")
@@ -54,6 +57,12 @@ def get_args(argv=None):
     g.add_argument("--model", default="tiny", choices=list(models.MODELS))
     g.add_argument("--prediction", default="x", choices=["x", "v"],
                    help="the head predicts x0 (default; V = (x_t - x0)/t) or V directly (the paper's)")
+    g.add_argument("--dim", type=int, default=None, help="override the size's width")
+    g.add_argument("--depth", type=int, default=None, help="override the size's number of blocks")
+    g.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
+    g.add_argument("--patch", type=int, default=None, help="override the size's patch size")
+    g.add_argument("--conv-head", type=int, default=None, help="k > 0: k features per pixel, then a 3x3 conv")
+    g.add_argument("--qk-norm", default=None, action=argparse.BooleanOptionalAction, help="RMSNorm on q and k")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="selfe", choices=["selfe", "flow"])
     g.add_argument("--tau-anneal", type=float, default=0.4,
@@ -63,6 +72,8 @@ def get_args(argv=None):
                    help="switch the fake-score term on at this fraction of training (paper: 0.77); off if unset")
     g.add_argument("--mu", type=float, default=None, help="time shift (default from the image token count)")
     g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "muon"],
+                   help="muon: torch.optim.Muon on the blocks' 2-D weights (RMS matched to Adam's), Adam on the rest")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--lr-min", type=float, default=1e-5)
     g.add_argument("--warmup", type=int, default=100, help="warm-up steps (paper: 1000)")
@@ -84,6 +95,8 @@ def get_args(argv=None):
     if args.max_minutes is None:
         args.max_minutes = 15.0 if args.dataset == "shapes" else 0.0
     args.out = args.out or f"runs/{args.dataset}" + ("-flow" if args.method == "flow" else "")
+    args.arch = {k: getattr(args, k) for k in ("dim", "depth", "heads", "patch", "conv_head", "qk_norm")
+                 if getattr(args, k) is not None}  # overrides of the named size, kept in the checkpoint's config
     return args
 
 
@@ -98,6 +111,18 @@ def lr_at(step, progress, args):
 def ema_update(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
+
+
+def make_optimizers(raw, args, device_type):
+    """Adam (paper S.2: betas 0.9, 0.95) on everything; or Muon on the transformer blocks' 2-D weights and
+    Adam on the rest (embeddings, biases, norms, time MLPs, input and output layers)."""
+    hidden = [p for name, p in raw.named_parameters() if p.ndim == 2 and ".blocks." in f".{name}"]
+    ids = {id(p) for p in hidden} if args.optimizer == "muon" else set()
+    rest = [p for p in raw.parameters() if id(p) not in ids]
+    opts = [torch.optim.Adam(rest, lr=args.lr, betas=(0.9, 0.95), fused=device_type == "cuda")]
+    if ids:
+        opts.append(torch.optim.Muon(hidden, lr=args.lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"))
+    return opts
 
 
 def save_checkpoint(path, **state):
@@ -150,7 +175,7 @@ def main(argv=None):
         may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
                       "precision"}
         given = {k: getattr(args, k) for k in args.given if k in may_change}
-        args = argparse.Namespace(**{**ckpt["config"], **given, "resume": True})
+        args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given, "resume": True})
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or --out to start a new run")
     if master:
@@ -179,15 +204,17 @@ def main(argv=None):
 
     # ---- model, EMA, optimiser ----
     torch.manual_seed(args.seed)
-    raw = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction).to(device)
+    raw = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction,
+                       **args.arch).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False)
-    opt = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+    opts = make_optimizers(raw, args, device_type)
     gen = torch.Generator().manual_seed(args.seed + rank)  # times, noise, caption dropout: one stream per rank
     elapsed = 0.0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        for o, state in zip(opts, ckpt["opt"] if isinstance(ckpt["opt"], list) else [ckpt["opt"]]):
+            o.load_state_dict(state)
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         elapsed = ckpt["elapsed"]
     mu = args.mu if args.mu is not None else losses.shift_mu(raw.grid ** 2)
@@ -213,7 +240,8 @@ def main(argv=None):
             rngs = [None] * world
             dist.all_gather_object(rngs, gen.get_state())
         if master:
-            save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+            save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(),
+                            opt=[o.state_dict() for o in opts],
                             step=step, elapsed=elapsed, rng=rngs, config=vars(args),
                             tokenizer=tok.json)
 
@@ -223,13 +251,14 @@ def main(argv=None):
 
     # ---- the loop ----
     B = args.batch_size
-    step, rider, t_start = start_step, None, time.time() - elapsed
+    clock = time.process_time if args.clock == "cpu" else time.time
+    step, rider, t_start = start_step, None, clock() - elapsed
     bar = tqdm(total=None if args.max_minutes else args.max_steps, initial=step, disable=not master,
                dynamic_ncols=True, unit="step")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     t_log, imgs_log, skipped = time.time(), 0, {}
     while step < args.max_steps:
-        elapsed = time.time() - t_start
+        elapsed = clock() - t_start
         if ddp:  # every rank must agree on the time (LR, stopping)
             e = torch.tensor([elapsed], device=device)
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
@@ -238,8 +267,9 @@ def main(argv=None):
             break
         progress = max(step / args.max_steps, elapsed / (args.max_minutes * 60) if args.max_minutes else 0.0)
         lr = lr_at(step, progress, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for o in opts:
+            for group in o.param_groups:
+                group["lr"] = lr
         tau = losses.tau_schedule(progress, args.tau_anneal)
         use_fake = args.method == "selfe" and args.fake_start is not None and progress >= args.fake_start
         parts_sum = {}
@@ -279,8 +309,9 @@ def main(argv=None):
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
         ema_update(ema, raw, min(args.ema, (1 + step) / (10 + step)))
         step += 1
         imgs_log += B * args.grad_accum * world
@@ -305,9 +336,9 @@ def main(argv=None):
         if master and args.sample_every and step % args.sample_every == 0:
             grid(step)
         if step % args.ckpt_every == 0:
-            elapsed = time.time() - t_start
+            elapsed = clock() - t_start
             checkpoint(step)
-    elapsed = time.time() - t_start
+    elapsed = clock() - t_start
     checkpoint(step)
     bar.close()
     if master:

@@ -1,0 +1,120 @@
+"""The recipe search, run as a speedrun: a fixed CPU budget per run, one change at a time against the baseline.
+
+    nohup python search.py > search.log 2>&1 &     # every config below; the same command again resumes
+    python search.py --only base p8_conv           # just these
+
+Each config trains flow matching (train.py --method flow) for --minutes of CPU time (--clock cpu: a run
+that shares the CPU still gets the same compute), two runs at a time with one thread each, then is scored
+with ShapesEval at 1, 2 and 50 steps on a smaller prompt set (--per-task 20, 4 images each: 480 images).
+Writes search/results.json (every number, cached: a re-run does only what is missing) and search/results.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+# name: train.py arguments on top of the baseline (today's tiny recipe). One change per line unless marked.
+CONFIGS = {
+    "base": [],
+    "base_seed1": ["--seed", "1"],
+    "p8_conv": ["--patch", "8", "--conv-head", "16"],                     # 16 tokens: 2.2x the steps
+    "conv": ["--conv-head", "16"],                                         # seams: a 3x3 conv output head
+    "muon": ["--optimizer", "muon"],
+    "ema0.99": ["--ema", "0.99"],
+    "batch32": ["--batch-size", "32"],
+    "lr2e-3": ["--lr", "2e-3"],
+    "qknorm_lr3e-3": ["--qk-norm", "--lr", "3e-3"],                        # qk-norm to allow a larger lr
+    "p8_conv_d192x6": ["--patch", "8", "--conv-head", "16", "--dim", "192", "--depth", "6", "--heads", "6"],
+    "p2_d64": ["--patch", "2", "--dim", "64"],                             # 256 tokens, 1.5x the step cost
+    "d192x2": ["--dim", "192", "--depth", "2"],                            # equal cost, wide and shallow
+    "d96x7": ["--dim", "96", "--depth", "7"],                              # equal cost, narrow and deep
+    "batch128": ["--batch-size", "128"],
+    "mu0": ["--mu", "0"],                                                  # no time shift (default 0.33)
+    "heads2": ["--heads", "2"],                                            # head size 64 instead of 32
+}
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="search")
+    p.add_argument("--only", nargs="+", default=None, help="names of CONFIGS to run (default: all)")
+    p.add_argument("--minutes", type=float, default=15.0, help="CPU-minutes of training per run")
+    p.add_argument("--per-task", type=int, default=20)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 50])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--method", default="flow", choices=["flow", "selfe"])
+    args = p.parse_args()
+    unknown = set(args.only or []) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown config(s) {sorted(unknown)}; choose from {list(CONFIGS)}")
+    return args
+
+
+def run_one(name, args):
+    """Train (or resume) then score one config; returns the Popen of a shell doing both."""
+    out = os.path.join(args.out, "runs", f"{args.method}_{name}")
+    train = [sys.executable, "train.py", "--out", out]
+    if os.path.exists(os.path.join(out, "ckpt.pt")):
+        train += ["--resume"]
+    else:
+        train += ["--method", args.method, "--max-minutes", str(args.minutes), "--clock", "cpu",
+                  "--sample-every", "0", *CONFIGS[name]]
+    score = [sys.executable, "evaluate.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--out", out,
+             "--per-task", str(args.per_task), "--n", str(args.n), "--steps", *map(str, args.steps)]
+    cmd = " ".join(train) + " > " + os.path.join(out + ".log") + " 2>&1 && " + " ".join(score) + " >> " + \
+        os.path.join(out + ".log") + " 2>&1"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    print(cmd, flush=True)
+    return out, subprocess.Popen(cmd, shell=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def summary(out):
+    import torch
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    rows = json.load(open(os.path.join(out, "shapes_eval.json")))["rows"]
+    cfg = ckpt["config"]
+    return dict(args=CONFIGS[os.path.basename(out).split("_", 1)[1]], steps=ckpt["step"],
+                cpu_minutes=round(ckpt["elapsed"] / 60, 2), batch=cfg["batch_size"],
+                img_per_s=round(float(np.median([r["img_per_s"] for r in log])), 1),
+                final_loss=round(float(np.mean([r["loss"] for r in log[-10:]])), 4), rows=rows)
+
+
+def write_md(res, path, method):
+    base = res.get(f"{method}_base", {}).get("rows", {}).get("50", {}).get("overall")
+    lines = ["| config | args | steps | img/s | 1 step | 2 steps | 50 steps | vs base | swd@50 | per task @50 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(res.items(), key=lambda kv: -kv[1]["rows"]["50"]["overall"]):
+        rows = r["rows"]
+        tasks = " / ".join(f"{rows['50'][t]:.2f}" for t in
+                           ("single_object", "two_object", "counting", "colors", "position", "color_attr"))
+        d = f"{rows['50']['overall'] - base:+.3f}" if base is not None else ""
+        lines.append(f"| {name} | `{' '.join(r['args'])}` | {r['steps']} | {r['img_per_s']} | "
+                     f"{rows['1']['overall']:.3f} | {rows['2']['overall']:.3f} | {rows['50']['overall']:.3f} | {d} | "
+                     f"{rows['50']['swd']:.2f} | {tasks} |")
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def main():
+    args = get_args()
+    path = os.path.join(args.out, "results.json")
+    res = json.load(open(path)) if os.path.exists(path) else {}
+    todo = [n for n in (args.only or CONFIGS) if f"{args.method}_{n}" not in res]
+    for i in range(0, len(todo), args.jobs):
+        procs = [run_one(name, args) for name in todo[i:i + args.jobs]]
+        for out, p in procs:
+            if p.wait() != 0:
+                print(f"error: {out} failed; see {out}.log; the same command resumes it", flush=True)
+                continue
+            res[os.path.basename(out)] = summary(out)
+            json.dump(res, open(path, "w"), indent=1)
+            write_md(res, os.path.join(args.out, "results.md"), args.method)
+            print(f"{out}: {res[os.path.basename(out)]['rows']['50']['overall']:.3f} at 50 steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()
