@@ -121,7 +121,7 @@ def cost(args):
     out["step_time_ratio_selfe_over_flow"] = out["step_seconds_selfe"] / out["step_seconds_flow"]
     net.eval()
     gen = sample.make_generate(net, data.Tokenizer(data.train_tokenizer(data.shapes_captions(500)).json, 16),
-                               dict(method="selfe", image_size=32, mu=None), cfg_scale=2.0)
+                               dict(method="selfe", image_size=32, mu=None), omega=2.0)
     prompts = ["a red circle"] * 256
     for steps in STEPS:
         gen(prompts[:32], steps)
@@ -161,10 +161,11 @@ def tiny_setup(B=64):
 def step_loss(method, net, ema, x0, ids, null, t, eps, eps2, g=None):
     """The training loss of one batch for either method (s drawn with tau = 1 for Self-E)."""
     import losses
+    tok = lambda captions: null.expand(len(captions), -1)  # the methods only ask it for the null prompt here
     if method == "flow":
-        return losses.flow_loss(net, x0, ids, t, eps)[0]
-    s, order = losses.sample_s(t, 1.0, g)
-    return losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)[0]
+        return losses.FlowMatching(tok, 0.0).step_loss(net, x0, ids, t, eps=eps)[0]
+    s, jump = losses.sample_s(t, 1.0, g)
+    return losses.SelfE(tok, 0.0, ema, net).step_loss(net, x0, ids, t, s, jump, eps, eps2)[0]
 
 
 def peak_rss_kb():
@@ -251,7 +252,7 @@ def main():
             save()
     sampling = {"s_k = t_k (same)": dict(s_mode="same"), "s_k = midpoint": dict(s_mode="mid"),
                 "eta = 0": dict(eta=0.0), "eta = 1": dict(eta=1.0),
-                **{f"cfg = {w:g}": dict(cfg_scale=w) for w in (1.0, 2.0, 3.0, 5.0)}}
+                **{f"cfg = {w:g}": dict(omega=w) for w in (1.0, 2.0, 3.0, 5.0)}}
     selfe_cfg = json.load(open(os.path.join(args.out, "runs", "selfe", "config.json")))  # the run's train.py config
     for label, opts in sampling.items():
         if sample.sampling_defaults(selfe_cfg, **opts) == sample.sampling_defaults(selfe_cfg):

@@ -406,19 +406,14 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 7919 + cid)
         images, captions, bad, epoch = [], [], {}, 0
         while self.epochs is None or epoch < self.epochs:
+            good, seen = 0, {}                               # this epoch's usable samples and skips by cause
             for key, img, cap in self.raw_samples(epoch, cid, n):
-                if img is None:
-                    bad["no_image"] = bad.get("no_image", 0) + 1
+                x, cap, why = self.decode(img, cap)
+                if why:
+                    bad[why] = bad.get(why, 0) + 1
+                    seen[why] = seen.get(why, 0) + 1
                     continue
-                if cap is None or not cap.strip():
-                    bad["no_caption"] = bad.get("no_caption", 0) + 1
-                    continue
-                try:
-                    x = load_image(io.BytesIO(img) if isinstance(img, bytes) else img, self.image_size)
-                except Exception:
-                    bad["bad_image"] = bad.get("bad_image", 0) + 1
-                    continue
-                cap = " ".join(cap.split())
+                good += 1
                 if self.hflip and rng.random() < 0.5:
                     x, cap = flip(x, cap)
                 images.append(x)
@@ -426,10 +421,46 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                 if len(images) == self.batch_size:
                     yield to_tensor(np.stack(images)), captions, bad
                     images, captions, bad = [], [], {}
+            if good == 0 and self.epochs is None:  # an endless stream that yields nothing would spin forever
+                raise RuntimeError(no_usable_samples(seen, f"consumer {cid} of {n}"))
             epoch += 1
         if images or bad:  # a finite stream (tests) ends with its last, partial batch and counts
             x = to_tensor(np.stack(images)) if images else torch.empty(0, 3, self.image_size, self.image_size)
             yield x, captions, bad
+
+    def decode(self, img, cap):
+        """(image uint8 (H, W, 3), caption, None) for a usable sample, else (None, None, the cause)."""
+        if img is None:
+            return None, None, "no_image"
+        if cap is None or not cap.strip():
+            return None, None, "no_caption"
+        try:
+            x = load_image(io.BytesIO(img) if isinstance(img, bytes) else img, self.image_size)
+        except Exception:
+            return None, None, "bad_image"
+        return x, " ".join(cap.split()), None
+
+
+def no_usable_samples(counts, where):
+    causes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(counts.items())) or "no samples at all"
+    return (f"error: the data has no usable sample ({where}): {causes}. A usable sample is an image that "
+            f"decodes (jpg/png/webp/bmp) with a non-empty caption: KEY.jpg + KEY.txt in a shard, or a.jpg + a.txt "
+            f"(or a captions.tsv line) in a folder.")
+
+
+def check_source(dataset, data_dir, image_size):
+    """Fail fast, before training: read the source until one usable sample turns up; if a whole pass finds
+    none, stop with the counts by cause (without this check an endless stream of nothing would hang)."""
+    counts = {}
+    for x, _, bad in ImageTextStream(dataset, data_dir, 1, image_size, hflip=False, epochs=1):
+        if len(x):
+            return
+        for k, v in bad.items():
+            counts[k] = counts.get(k, 0) + v
+    raise SystemExit(no_usable_samples(counts, data_dir))
+
+
+MIN_CAPTIONS = 4  # fewer captions than this cannot make a tokenizer worth training
 
 
 def tokenizer_for(dataset, data_dir, vocab_size, max_len, out, ddp, master, n_captions=50_000):
@@ -444,6 +475,9 @@ def tokenizer_for(dataset, data_dir, vocab_size, max_len, out, ddp, master, n_ca
                 caps.append(cap)
             if len(caps) >= n_captions:
                 break
+        if len(caps) < MIN_CAPTIONS:
+            raise SystemExit(f"error: found {len(caps)} usable caption(s) in {data_dir}; a tokenizer needs at "
+                             f"least {MIN_CAPTIONS}. Every image needs a non-empty caption.\n{CC3M_HELP}")
         os.makedirs(out, exist_ok=True)
         train_tokenizer(caps + ["fake image"] * 10, vocab_size).save(path)
         print(f"trained a {vocab_size}-token tokenizer on {len(caps)} captions: {path}")

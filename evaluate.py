@@ -29,6 +29,7 @@ REFERENCE_SEED = 3_000_017   # ground-truth renders of the prompts (a second see
 DETECT_THRESHOLD = 0.6       # a component is an object when its template IoU exceeds this (GenEval: 0.3)
 COUNT_THRESHOLD = 0.7        # stricter for the counting task, as GenEval's (0.9)
 FG_THRESHOLD = 48.0          # RGB distance from the background above which a pixel is foreground
+IMAGE_SIZE = 32              # the evaluation's image size (the detector's thresholds are tuned to it)
 PALETTE = np.array(list(data.COLORS.values()), dtype=np.float32)
 COLOR_NAMES = list(data.COLORS)
 
@@ -266,15 +267,19 @@ def main():
     args = p.parse_args()
     if not (args.reference or args.noise or args.ckpt):
         p.error("say what to score: --reference, --noise or --ckpt PATH")
+    if any(s < 1 for s in args.steps) or args.per_task < 1 or args.n < 1:
+        p.error("--steps, --per-task and --n must be positive")
     out = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else "eval")
     os.makedirs(out, exist_ok=True)
-    rows, size = {}, 32
+    rows, size = {}, IMAGE_SIZE
     if args.ckpt:
         import sample
         model, tok, cfg = sample.load(args.ckpt)
-        size = cfg["image_size"]
+        if cfg.get("dataset", "shapes") != "shapes" or cfg["image_size"] != IMAGE_SIZE:
+            p.error(f"{args.ckpt} makes {cfg['image_size']} px images of {cfg.get('dataset')!r}; ShapesEval scores "
+                    f"{IMAGE_SIZE} px shapes (train with: python train.py --dataset shapes)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        gen = sample.make_generate(model, tok, cfg, cfg_scale=args.cfg, eta=args.eta, s_mode=args.s_mode,
+        gen = sample.make_generate(model, tok, cfg, omega=args.cfg, eta=args.eta, s_mode=args.s_mode,
                                    device=device)
         rows.update(evaluate(gen, args.steps, args.per_task, args.n, size, args.seed))
     if args.reference:

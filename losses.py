@@ -1,11 +1,12 @@
-"""Self-E's training objective, as small pure functions in the paper's notation, and the loss of one step.
+"""Self-E's training objective: small pure functions in the paper's notation, then the two methods as objects
+(FlowMatching, the baseline, and SelfE), each with loss(net, x0, captions, progress) -> (loss, parts).
 
 Convention (the whole project's; paper Sec. 3): x_t = alpha_t x0 + sigma_t eps, alpha_t = 1 - t,
 sigma_t = t. t = 0 is data, t = 1 is noise. The network has two time inputs: the current time t and a
 target time s <= t; G(x_t, t, s, c) = x_t - t V(x_t, t, s, c) is its clean-sample head (Eq. 6).
 c is the prompt, phi the empty prompt, sg[.] the stop-gradient.
 
-One training step (selfe_loss):
+One training step (SelfE.step_loss):
     x0_hat = G(x_t, t, s, c)                                              the jump, with gradient
     x_s_hat = alpha_s sg[x0_hat] + sigma_s eps'                           re-noised landing point
     x_self = sg[x0_hat - (G(x_s_hat, s, s, phi) - G(x_s_hat, s, s, c))]  Eq. 14 (self-evaluation)
@@ -68,14 +69,14 @@ def tau_schedule(progress, anneal):
 
 def sample_s(t, tau, generator=None):
     """s = t for exactly half of the batch (a random half: P(s = t) = 0.5 per sample), else
-    s ~ U((1 - tau) t, t) (paper S.2). The jumping half comes first after `order`: returns (s, order)
-    where order[:B//2] are the indices that jump. A fixed count keeps batch shapes static (compile, DDP)."""
+    s ~ U((1 - tau) t, t) (paper S.2). Returns (s, jump): jump holds the B // 2 indices with s < t.
+    A fixed count keeps batch shapes static (compile, DDP)."""
     B = t.shape[0]
     order = torch.randperm(B, generator=generator)
     u = torch.rand(B, generator=generator)
     s = t - tau * t * u                       # U((1 - tau) t, t)
     s[order[B // 2:]] = t[order[B // 2:]]     # the other half: s = t, ordinary flow matching
-    return s, order
+    return s, order[: B // 2]
 
 
 # -----------------------------------------------------------------------------
@@ -126,75 +127,134 @@ def bin_losses(t, loss, bins=4):
 
 
 # -----------------------------------------------------------------------------
-# the loss of one training step
+# the two methods, one object each: its random draws and the loss of one batch
 
-def selfe_loss(model, ema, x0, ids, null_ids, t, s, order, eps, eps2, fake=None, energy_preserving=True,
-               live=None):
-    """The training loss of one batch, with ONE forward pass with gradient (Eqs. 7-21).
+class FlowMatching:
+    """Plain conditional flow matching, the baseline: s = t always; loss E[w_t ||G(x_t, t, t, c) - x0||^2].
 
-    model: the live network (possibly DDP-wrapped: it takes the gradient pass); ema: its EMA (the
-    conditional evaluator, paper S.2); live: the plain live module for the no-grad passes (default: model).
-    x0 (B, C, H, W) data, ids (B, L) captions (all zeros where the caption was dropped), null_ids (1, L).
-    t, s, order from sample_t / sample_s: order[:B//2] jump (s < t) and get self-evaluated.
-    eps, eps2: noise for x_t and for re-noising the landing point.
-    fake: None, or a dict for the auxiliary fake-score term (appendix S.1.2): ids (B, L), the prompts
-      c_fake = "fake image" + caption, and rider: None or an earlier step's landings (the model's own
-      samples) dict(x=x_s_hat, s, x0_hat, ids=their c_fake), which ride in this batch to train the fake branch.
-    Returns (total, parts, landing): parts = dict of floats (data, self, fake, per-time-bin data losses);
-    landing = dict(x, s, x0_hat, jump) of this step's re-noised landing points, for the fake branch."""
-    B = x0.shape[0]
-    live = model if live is None else live
-    x_t = add_noise(x0, eps, t)
-    rider = fake["rider"] if fake is not None else None
-    inputs = (x_t, t, s, ids)
-    if rider is not None:  # the fake branch rides in the same batch: G(sg[x_s_hat], s, s, c_fake)
-        inputs = (torch.cat([x_t, rider["x"]]), torch.cat([t, rider["s"]]), torch.cat([s, rider["s"]]),
-                  torch.cat([ids, rider["ids"]]))
-    out = G(model, *inputs)                       # one pass with gradient
-    x0_hat = out[:B]                              # G(x_t, t, s, c)
+    tok: captions -> ids (B, L), the empty caption giving the null prompt phi; mu: the time shift;
+    generator: the one stream of caption-dropout, time and noise draws (its state is checkpointed)."""
 
-    # self-evaluation on the jumping half (s < t), without gradient       Eqs. 8-15
-    jump = order[: B // 2]
-    lam = torch.zeros_like(t)
-    x_self = stopgrad(x0_hat).clone()
-    landing = None
-    if len(jump) > 0:
-        tj, sj = t[jump], s[jump]
-        x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)   # alpha_s sg[x0_hat] + sigma_s eps'
-        with torch.no_grad():
-            G_c = G(ema, x_s_hat, sj, sj, ids[jump])                  # conditional: EMA weights
-            G_phi = G(live, x_s_hat, sj, sj, null_ids.expand(len(jump), -1))   # unconditional: live weights
-            G_fake = G(live, x_s_hat, sj, sj, fake["ids"][jump]) if fake is not None else None
-        delta = self_eval_direction(G_phi, G_c, G_fake)
-        has_caption = (ids[jump] != 0).any(1)
-        delta = delta * bcast(has_caption.float())                   # dropped caption: no self-evaluation
-        x_self[jump] = self_eval_target(x0_hat[jump], delta)          # Eq. 14
-        lam[jump] = lambda_st(sj, tj) * has_caption.float()           # Eq. 17 (0 where s = t)
-        landing = dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]), jump=jump)
+    def __init__(self, tok, mu, caption_dropout=0.1, generator=None, device="cpu"):
+        self.tok, self.mu, self.caption_dropout = tok, mu, caption_dropout
+        self.gen, self.device = generator, device
+        self.null_ids = tok([""]).to(device)                                  # (1, L): the empty prompt phi
 
-    w = time_weight(t)
-    data_l = per_sample_mse(x0_hat, x0)                               # Eq. 7
-    self_l = lam * per_sample_mse(x0_hat, x_self)                     # Eq. 16, second term
-    if energy_preserving:
-        per_sample = per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))  # Eq. 20
-    else:
-        per_sample = data_l + self_l                                  # Eq. 16
-    total = (w * per_sample).mean()                                   # Eq. 21
-    parts = dict(data=(w * data_l).mean().item(), self=(w * self_l).mean().item(), fake=0.0)
-    if rider is not None:  # L_fake = ||G(sg[x_s_hat], s, s, c_fake) - sg[x0_hat]||^2   (Eq. s.8), weight 1 (ours)
-        fake_l = time_weight(rider["s"]) * per_sample_mse(out[B:], rider["x0_hat"])
-        total = total + fake_l.sum() / B
-        parts["fake"] = fake_l.mean().item()
-    for b, v in enumerate(bin_losses(t, w * data_l)):
-        parts[f"data_t{b}"] = v
-    return total, parts, landing
+    def target_times(self, t, progress):
+        """s and the indices that jump (s < t): none for flow matching."""
+        return t, torch.zeros(0, dtype=torch.long)
+
+    def draw(self, x0, captions, progress):
+        """The batch's random draws, always in this order: caption dropout, t, s, eps, eps'. (Flow matching
+        draws eps' too, unused, so that both methods read their generator the same way.)"""
+        B = x0.shape[0]
+        drop = torch.rand(B, generator=self.gen) < self.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]   # dropped: the null prompt
+        t = sample_t(B, self.mu, self.gen)
+        s, jump = self.target_times(t, progress)
+        eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        eps2 = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        to = lambda v: v.to(self.device)
+        return captions, to(self.tok(captions)), to(t), to(s), to(jump), eps, eps2
+
+    def loss(self, net, x0, captions, progress):
+        """(loss, parts) of one batch: x0 (B, C, H, W) data, captions B strings, progress in [0, 1]."""
+        _, ids, t, s, jump, eps, eps2 = self.draw(x0, captions, progress)
+        return self.step_loss(net, x0, ids, t, s, jump, eps, eps2)[:2]
+
+    def step_loss(self, net, x0, ids, t, s=None, jump=None, eps=None, eps2=None, fake_ids=None):
+        """The loss of one batch given its draws (s, jump, eps2, fake_ids: unused). Returns (loss, parts, None)."""
+        x_t = add_noise(x0, eps, t)
+        data_l = time_weight(t) * per_sample_mse(G(net, x_t, t, t, ids), x0)          # Eqs. 7, 21
+        parts = dict(data=data_l.mean().item(), self=0.0, fake=0.0)
+        for b, v in enumerate(bin_losses(t, data_l)):
+            parts[f"data_t{b}"] = v
+        return data_l.mean(), parts, None
 
 
-def flow_loss(model, x0, ids, t, eps):
-    """Plain conditional flow matching, the baseline: s = t always, w_t ||G(x_t, t, t, c) - x0||^2 (Eq. 7, 21)."""
-    x_t = add_noise(x0, eps, t)
-    data_l = time_weight(t) * per_sample_mse(G(model, x_t, t, t, ids), x0)
-    parts = dict(data=data_l.mean().item(), self=0.0, fake=0.0)
-    for b, v in enumerate(bin_losses(t, data_l)):
-        parts[f"data_t{b}"] = v
-    return data_l.mean(), parts, None
+class SelfE(FlowMatching):
+    """Self-E: flow matching on every pair (s, t) plus self-evaluation of the jumps s < t (Eqs. 7-21).
+
+    ema: the conditional evaluator (EMA weights, paper S.2); live: the plain live module for the no-grad
+    passes (the `net` given to loss may be DDP-wrapped: it takes the one pass with gradient).
+    tau_anneal: fraction of training over which the longest jump grows to the full [0, t].
+    fake_start: None, or the fraction of training from which the auxiliary fake-score term is on
+    (appendix S.1.2): the prompt c_fake = "fake image " + caption, and a quarter of the batch's landings
+    (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8)."""
+
+    def __init__(self, tok, mu, ema, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
+                 fake_start=None, k=0.9, generator=None, device="cpu"):
+        super().__init__(tok, mu, caption_dropout, generator, device)
+        self.ema, self.live, self.tau_anneal = ema, live, tau_anneal
+        self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
+        self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
+
+    def target_times(self, t, progress):
+        return sample_s(t, tau_schedule(progress, self.tau_anneal), self.gen)
+
+    def loss(self, net, x0, captions, progress):
+        captions, ids, t, s, jump, eps, eps2 = self.draw(x0, captions, progress)
+        fake_on = self.fake_start is not None and progress >= self.fake_start
+        fake_ids = self.tok(["fake image " + c for c in captions]).to(self.device) if fake_on else None
+        total, parts, landing = self.step_loss(net, x0, ids, t, s, jump, eps, eps2, fake_ids)
+        if fake_on and landing is not None:  # this step's landings train the fake branch next step
+            n = x0.shape[0] // 4
+            self.rider = dict(x=landing["x"][:n], s=landing["s"][:n], x0_hat=landing["x0_hat"][:n],
+                              ids=fake_ids[jump[:n]])
+        parts.update(tau=tau_schedule(progress, self.tau_anneal), fake_on=float(fake_on))
+        return total, parts
+
+    def step_loss(self, net, x0, ids, t, s, jump, eps, eps2, fake_ids=None):
+        """The loss of one batch given its draws, with ONE forward pass with gradient (Eqs. 7-21).
+
+        x0 (B, C, H, W) data, ids (B, L) prompts (all zeros where the caption was dropped), t, s (B,),
+        jump: indices with s < t, eps, eps2: noise for x_t and for re-noising the landing point,
+        fake_ids: None, or (B, L) prompts c_fake (the fake-score term is on; self.rider then rides along).
+        Returns (total, parts, landing): parts = dict of floats (data, self, fake, per-time-bin losses);
+        landing = dict(x, s, x0_hat) of this step's re-noised landing points (for the fake branch)."""
+        B = x0.shape[0]
+        x_t = add_noise(x0, eps, t)
+        rider = self.rider if fake_ids is not None else None
+        inputs = (x_t, t, s, ids)
+        if rider is not None:  # the fake branch rides in the same batch: G(sg[x_s_hat], s, s, c_fake)
+            inputs = (torch.cat([x_t, rider["x"]]), torch.cat([t, rider["s"]]), torch.cat([s, rider["s"]]),
+                      torch.cat([ids, rider["ids"]]))
+        out = G(net, *inputs)                         # one pass with gradient
+        x0_hat = out[:B]                              # G(x_t, t, s, c)
+
+        # self-evaluation of the jumps (s < t), without gradient              Eqs. 8-15
+        lam = torch.zeros_like(t)
+        x_self = stopgrad(x0_hat).clone()
+        landing = None
+        if len(jump) > 0:
+            tj, sj = t[jump], s[jump]
+            x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)   # alpha_s sg[x0_hat] + sigma_s eps'
+            with torch.no_grad():
+                G_c = G(self.ema, x_s_hat, sj, sj, ids[jump])                                 # conditional: EMA
+                G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1))    # unconditional: live
+                G_fake = G(self.live, x_s_hat, sj, sj, fake_ids[jump]) if fake_ids is not None else None
+            delta = self_eval_direction(G_phi, G_c, G_fake, self.k)       # Eq. 14 (Eq. s.6 with the fake term)
+            has_caption = (ids[jump] != 0).any(1)
+            delta = delta * bcast(has_caption.float())                   # dropped caption: no self-evaluation
+            x_self[jump] = self_eval_target(x0_hat[jump], delta)          # Eq. 14
+            lam[jump] = lambda_st(sj, tj) * has_caption.float()           # Eq. 17 (0 where s = t)
+            landing = dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]))
+
+        w = time_weight(t)
+        data_l = per_sample_mse(x0_hat, x0)                               # Eq. 7
+        self_l = lam * per_sample_mse(x0_hat, x_self)                     # Eq. 16, second term
+        if self.energy_preserving:
+            per_sample = per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))  # Eq. 20
+        else:
+            per_sample = data_l + self_l                                  # Eq. 16
+        total = (w * per_sample).mean()                                   # Eq. 21
+        parts = dict(data=(w * data_l).mean().item(), self=(w * self_l).mean().item(), fake=0.0)
+        if rider is not None:  # L_fake = ||G(sg[x_s_hat], s, s, c_fake) - sg[x0_hat]||^2 (Eq. s.8), weighted w_s
+            fake_l = time_weight(rider["s"]) * per_sample_mse(out[B:], rider["x0_hat"])
+            total = total + fake_l.sum() / B
+            parts["fake"] = fake_l.mean().item()
+        for b, v in enumerate(bin_losses(t, w * data_l)):
+            parts[f"data_t{b}"] = v
+        for b, v in enumerate(bin_losses(t[jump], (w * data_l)[jump])):  # the jumping half alone
+            parts[f"jump_t{b}"] = v
+        return total, parts, landing

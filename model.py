@@ -13,13 +13,18 @@ paper's V head for comparison.
 
 Text: a small transformer trained from scratch over the tokenizer's ids, with a learned start token that
 is always present, so the empty prompt (all padding) is the start token alone: a learned null prompt.
-Image tokens and text tokens attend to each other in every block (joint attention, as in the single-stream
-blocks of FLUX/SD3, which the paper's MM-DiT uses), which needs no extra cross-attention layers; the
-pooled text vector is also added to the time embedding, which drives adaLN-Zero modulation.
+Image tokens and text tokens attend to each other in every block (joint attention, as in FLUX's
+single-stream blocks; the paper's MM-DiT has 8 double-stream blocks, with separate weights for text and
+image tokens, then 16 single-stream ones; we use single-stream blocks only), which needs no extra
+cross-attention layers; the pooled text vector is also added to the time embedding, which drives adaLN-Zero
+modulation. Positions: fixed 2-D sine-cosine embeddings (the paper's FLUX backbone uses 2-D RoPE).
+Checkpoints are saved, loaded and turned back into a model here (save_checkpoint, load_checkpoint,
+from_checkpoint), so that sampling and evaluation need only this file and data.py's tokenizer.
 
     python model.py            # prints the parameter count of every size
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -243,6 +248,42 @@ def build(size, vocab_size, max_text_len, image_size, prediction="x", **override
     if size not in MODELS:
         raise ValueError(f"unknown model size {size!r}; choose from {list(MODELS)}")
     return DiT(vocab_size, max_text_len, image_size, prediction=prediction, **{**MODELS[size], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain dicts of tensors and config, loaded with weights_only=True (a checkpoint cannot run code)
+
+def save_checkpoint(path, **state):
+    """Atomic: write a temporary file, then rename it over the old checkpoint. If the write fails (disk full,
+    permissions), the previous checkpoint is left as it was and the error says so."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = f"the previous checkpoint {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise SystemExit(f"error: could not write the checkpoint {path} ({type(e).__name__}: {e}); {kept}")
+
+
+def load_checkpoint(path):
+    """Load a checkpoint made by train.py; weights_only=True: a checkpoint cannot run code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint of this project ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= set(ckpt):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model/config/tokenizer in it)")
+    return ckpt
+
+
+def from_checkpoint(ckpt, vocab_size, weights="ema"):
+    """The network a checkpoint's config describes, with its EMA (default) or live weights, in eval mode."""
+    cfg = ckpt["config"]
+    net = build(cfg["model"], vocab_size, cfg["max_text_len"], cfg["image_size"], cfg.get("prediction", "x"),
+                **cfg.get("arch", {}))
+    net.load_state_dict(ckpt[weights])
+    return net.eval()
 
 
 if __name__ == "__main__":

@@ -29,44 +29,46 @@ DEFAULT_PROMPTS = [
     "a white square and a purple triangle",
     "a black circle below a triangle",
 ]
-DEFAULT_CKPT = "runs/shapes/ckpt.pt"
+DEFAULT_CKPT = "runs/shapes/ckpt.pt"                  # your own run (python train.py)
+SHIPPED_CKPT = "checkpoints/shapes_tiny_selfe.pt"     # the weights in this repository, used when you have none
+
+
+def default_checkpoint():
+    """Your own run's checkpoint if there is one, else the shipped weights (if this checkout has them)."""
+    return DEFAULT_CKPT if os.path.exists(DEFAULT_CKPT) or not os.path.exists(SHIPPED_CKPT) else SHIPPED_CKPT
 
 
 def load(path):
     """A checkpoint's EMA model (eval mode), tokenizer and config."""
-    import train
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}. Train one first: python train.py "
                          f"(about 15 minutes on a CPU), or pass --ckpt PATH")
-    ckpt = train.load_checkpoint(path)
+    ckpt = models.load_checkpoint(path)
     cfg = ckpt["config"]
     tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
-    net = models.build(cfg["model"], tok.vocab_size, cfg["max_text_len"], cfg["image_size"],
-                       cfg.get("prediction", "x"), **cfg.get("arch", {}))
-    net.load_state_dict(ckpt["ema"])
-    return net.eval(), tok, cfg
+    return models.from_checkpoint(ckpt, tok.vocab_size), tok, cfg
 
 
-def sampling_defaults(cfg, cfg_scale=None, eta=None, s_mode=None):
-    """Guidance, noise and target time: explicit values, else the run's, else the benchmark's best
-    (bench15: Self-E is best without extra guidance, its training already follows the classifier score,
-    and with the paper's stochastic update, eta = 1; flow matching at 1-2 steps is best with CFG 2 and
-    samples deterministically). The flow baseline never saw s != t: it samples with s_k = t_k."""
+def sampling_defaults(cfg, omega=None, eta=None, s_mode=None):
+    """Guidance scale omega, noise eta and target time s_k: explicit values, else the run's, else the
+    benchmark's best (Self-E is best without extra guidance, its training already follows the classifier
+    score, and with the paper's stochastic update, eta = 1; flow matching at 1-2 steps is best with
+    omega = 2 and samples deterministically). The flow baseline never saw s != t: it samples with s_k = t_k."""
     flow = cfg["method"] == "flow"
-    return dict(cfg_scale=cfg_scale if cfg_scale is not None else (cfg.get("cfg") or (2.0 if flow else 1.0)),
+    return dict(omega=omega if omega is not None else (cfg.get("cfg") or (2.0 if flow else 1.0)),
                 eta=eta if eta is not None else (0.0 if flow else 1.0),
                 s_mode=s_mode or ("same" if flow else "next"))
 
 
-def make_generate(net, tok, cfg, cfg_scale=None, eta=None, s_mode=None, device="cpu"):
+def make_generate(net, tok, cfg, omega=None, eta=None, s_mode=None, device="cpu"):
     """generate(prompts, steps) -> images (N, 3, H, W) in [-1, 1], for evaluate.py."""
-    opts = sampling_defaults(cfg, cfg_scale, eta, s_mode)
+    opts = sampling_defaults(cfg, omega, eta, s_mode)
     mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
     net = net.to(device)
 
     def generate(prompts, steps):
         shape = (3, cfg["image_size"], cfg["image_size"])
-        return sampler.sample(net, tok(prompts), tok([""]), steps, mu, shape, cfg=opts["cfg_scale"],
+        return sampler.sample(net, tok(prompts), tok([""]), steps, mu, shape, omega=opts["omega"],
                               eta=opts["eta"], s_mode=opts["s_mode"], device=device).cpu()
     return generate
 
@@ -116,9 +118,16 @@ def write_grid(net, tok, cfg, prompts, steps_list, path, n=1, seed=0, device="cp
     return images
 
 
+def write_images(images, prompts, steps_list, n, folder):
+    """One PNG per image: <folder>/<steps>step_<prompt index>_<k>.png."""
+    for steps, imgs in images.items():
+        for i, img in enumerate(imgs):
+            Image.fromarray(img).save(os.path.join(folder, f"{steps}step_{i // n:02d}_{i % n}.png"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=DEFAULT_CKPT)
+    p.add_argument("--ckpt", default=None, help=f"default: {DEFAULT_CKPT} if it exists, else {SHIPPED_CKPT}")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: 8 built-in prompts")
     p.add_argument("--steps", type=int, nargs="+", default=[1])
     p.add_argument("--n", type=int, default=2, help="images per prompt")
@@ -126,19 +135,38 @@ def main():
     p.add_argument("--eta", type=float, default=None, help="0: deterministic (Eq. 22), 1: DDIM-style noise")
     p.add_argument("--s-mode", default=None, choices=["next", "same", "mid"], help="target time s_k")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", default="samples.png",
+                   help="a .png/.jpg file for the grid, or a folder: the grid plus one PNG per image")
     args = p.parse_args()
     if any(s < 1 for s in args.steps):
         p.error("--steps must be positive integers")
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        p.error("--eta must be in [0, 1]")
+    ext = os.path.splitext(args.out)[1].lower()
+    folder = os.path.isdir(args.out) or not ext
+    if not folder and ext not in Image.registered_extensions():
+        p.error(f"--out {args.out}: unknown image extension {ext!r}; use .png or .jpg, or a folder")
+    if args.ckpt is None:
+        args.ckpt = default_checkpoint()
+        print(f"using {'your run' if args.ckpt == DEFAULT_CKPT else 'the shipped weights'}: {args.ckpt}")
     net, tok, cfg = load(args.ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = args.prompt or DEFAULT_PROMPTS
-    out = free_path(args.out)
-    write_grid(net, tok, cfg, prompts, args.steps, out, n=args.n, seed=args.seed, device=device,
-               cfg_scale=args.cfg, eta=args.eta, s_mode=args.s_mode)
+    if folder:
+        os.makedirs(args.out, exist_ok=True)
+        out = free_path(os.path.join(args.out, "grid.png"))
+    else:
+        out = free_path(args.out)
+    images = write_grid(net, tok, cfg, prompts, args.steps, out, n=args.n, seed=args.seed, device=device,
+                        omega=args.cfg, eta=args.eta, s_mode=args.s_mode)
+    if folder:
+        write_images(images, prompts, args.steps, args.n, os.path.dirname(out))
     opts = sampling_defaults(cfg, args.cfg, args.eta, args.s_mode)
-    print(f"wrote {out}: {len(prompts)} prompts x {args.n}, steps {args.steps}, "
-          f"cfg {opts['cfg_scale']}, eta {opts['eta']}, s_k = {opts['s_mode']}")
+    print(f"wrote {out}" + (f" and {len(prompts) * args.n * len(args.steps)} single images beside it" if folder else "")
+          + f": {len(prompts)} prompts x {args.n}, steps {args.steps}, omega {opts['omega']}, eta {opts['eta']}, "
+          f"s_k = {opts['s_mode']}")
 
 
 if __name__ == "__main__":

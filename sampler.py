@@ -31,7 +31,7 @@ def ep_cfg(v_c, v_u, omega):
 
 
 @torch.no_grad()
-def sample(model, ids, null_ids, steps, mu, shape, cfg=1.0, eta=0.0, s_mode="next", generator=None,
+def sample(model, ids, null_ids, steps, mu, shape, omega=1.0, eta=0.0, s_mode="next", generator=None,
            device="cpu"):
     """Generate len(ids) images of `shape` (C, H, W) from noise in `steps` steps. Returns (B, C, H, W) in ~[-1, 1]."""
     B = ids.shape[0]
@@ -41,16 +41,16 @@ def sample(model, ids, null_ids, steps, mu, shape, cfg=1.0, eta=0.0, s_mode="nex
     for t, t_next in zip(ts[:-1], ts[1:]):
         s = target_time(t, t_next, s_mode)
         tb, sb = torch.full((B,), t, device=device), torch.full((B,), s, device=device)
-        if cfg == 1.0:
+        if omega == 1.0:
             v = model(x, tb, sb, ids)
         else:  # conditional and unconditional in one batch: 2 evaluations per image
             v_c, v_u = model(torch.cat([x, x]), tb.repeat(2), sb.repeat(2), torch.cat([ids, null])).chunk(2)
-            v = ep_cfg(v_c, v_u, cfg)
+            v = ep_cfg(v_c, v_u, omega)
         x0_hat = x - t * v                                                      # G = x_t - t V (Eq. 6)
         eps_hat = (x - alpha(t) * x0_hat) / sigma(t)                            # the noise x_t implies
         # DDIM posterior noise level at t_next (0 when t_next = 0, everything fresh when t = 1)
         ratio = (alpha(t) * sigma(t_next) / (alpha(t_next) * sigma(t))) if t_next > 0 else 0.0
-        c = eta * sigma(t_next) * max(0.0, 1 - ratio ** 2) ** 0.5
-        z = torch.randn(x.shape, generator=generator).to(device) if c > 0 else 0.0
-        x = alpha(t_next) * x0_hat + (sigma(t_next) ** 2 - c ** 2) ** 0.5 * eps_hat + c * z
+        std = eta * sigma(t_next) * max(0.0, 1 - ratio ** 2) ** 0.5                # fresh-noise std
+        z = torch.randn(x.shape, generator=generator).to(device) if std > 0 else 0.0
+        x = alpha(t_next) * x0_hat + (sigma(t_next) ** 2 - std ** 2) ** 0.5 * eps_hat + std * z
     return x

@@ -16,8 +16,8 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
+import signal
 import sys
 import time
 
@@ -29,6 +29,33 @@ import data
 import losses
 import model as models
 import sample
+
+
+def check_args(p, args):
+    """Bad values fail here, with one line naming the flag, before any work starts."""
+    patch = args.patch or models.MODELS[args.model]["patch"]
+    image_size = args.image_size or (32 if args.dataset == "shapes" else 64)
+    for bad, msg in [
+        (args.batch_size < 1, "--batch-size must be at least 1"),
+        (args.grad_accum < 1, "--grad-accum must be at least 1"),
+        (args.max_steps < 1, "--max-steps must be at least 1"),
+        (args.max_minutes is not None and args.max_minutes < 0, "--max-minutes must be >= 0 (0: no time budget)"),
+        (args.lr <= 0 or args.lr_min < 0, "--lr must be > 0 and --lr-min >= 0"),
+        (args.warmup < 0, "--warmup must be >= 0"),
+        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
+        (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
+        (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
+        (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
+         "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
+        (image_size < 1 or image_size % patch, f"--image-size {image_size} must be a positive multiple of the "
+                                               f"patch size {patch}"),
+        ((args.dim or 1) < 1 or (args.depth or 1) < 1 or (args.heads or 1) < 1 or (args.conv_head or 0) < 0,
+         "--dim, --depth and --heads must be at least 1, --conv-head at least 0"),
+        ((args.dim or models.MODELS[args.model]["dim"]) % (args.heads or models.MODELS[args.model]["heads"]),
+         "--dim must be a multiple of --heads"),
+    ]:
+        if bad:
+            p.error(msg)
 
 
 def get_args(argv=None):
@@ -86,8 +113,9 @@ def get_args(argv=None):
     g.add_argument("--sample-every", type=int, default=500, help="sample grids at 1/2/4/8 steps (0: never)")
     g.add_argument("--ckpt-every", type=int, default=250)
     g.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale stored for sampling (default 1.0 for selfe, 2.0 for flow: bench15)")
+                   help="guidance scale omega stored for sampling (default 1.0 for selfe, 2.0 for flow)")
     args = p.parse_args(argv)
+    check_args(p, args)
     argv = sys.argv[1:] if argv is None else argv
     args.given = sorted({a.dest for a in p._actions for x in argv if x.split("=")[0] in a.option_strings})
     args.image_size = args.image_size or (32 if args.dataset == "shapes" else 64)
@@ -125,26 +153,8 @@ def make_optimizers(raw, args, device_type):
     return opts
 
 
-def save_checkpoint(path, **state):
-    """Atomic: write a temporary file, then rename it over the old checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint made by this script; weights_only=True: a checkpoint cannot run code."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint of this project ({type(e).__name__}: {e})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= set(ckpt):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model/config/tokenizer in it)")
-    return ckpt
-
-
-def main(argv=None):
-    args = get_args(argv)
-    # ---- processes and devices: DDP when torchrun sets RANK ----
+def setup_distributed(args):
+    """One process, or DDP when torchrun sets RANK. Returns (ddp, rank, world, local, device)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -153,25 +163,21 @@ def main(argv=None):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     else:
         rank, world, local = 0, 1, 0
-    master = rank == 0
     device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    args.precision = args.precision or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    args.compile = device_type == "cuda" if args.compile is None else args.compile
-    workers = args.workers if args.workers is not None else (4 if device_type == "cuda" else 0)
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "bf16"
-                else contextlib.nullcontext())
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, local, device
 
-    # ---- the run folder: resume, or refuse to clobber ----
+
+def open_run(args, master):
+    """The run folder: resume its checkpoint (its own config, except what this command line sets among a few
+    flags), or refuse to start over an existing one. Returns (args, checkpoint or None)."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: --resume but there is no {ckpt_path}; start a run without --resume")
-        ckpt = load_checkpoint(ckpt_path)
-        # the run's own config, except what this command line sets explicitly among these
+        ckpt = models.load_checkpoint(ckpt_path)
         may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
                       "precision"}
         given = {k: getattr(args, k) for k in args.given if k in may_change}
@@ -180,173 +186,235 @@ def main(argv=None):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or --out to start a new run")
     if master:
         os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+    return args, ckpt
 
-    # ---- data and tokenizer ----
+
+def make_data(args, ckpt, ddp, rank, world, master, device_type):
+    """The tokenizer (the checkpoint's, or trained on the data's captions) and an endless batch iterator."""
+    if args.dataset != "shapes":  # fail fast, on every rank, if there is no data or no usable sample in it
+        data.list_sources(args.dataset, args.data_dir)
+        data.check_source(args.dataset, args.data_dir, args.image_size)
     if ckpt is not None:
         tok = data.Tokenizer(ckpt["tokenizer"], args.max_text_len)
     elif args.dataset == "shapes":
-        tok = data.train_tokenizer(data.shapes_captions(), args.vocab_size)
-        tok = data.Tokenizer(tok.json, args.max_text_len)
+        tok = data.Tokenizer(data.train_tokenizer(data.shapes_captions(), args.vocab_size).json, args.max_text_len)
     else:
-        data.list_sources(args.dataset, args.data_dir)  # fail fast, on every rank, if there is no data
         tok = data.tokenizer_for(args.dataset, args.data_dir, args.vocab_size, args.max_text_len, args.out,
                                  ddp, master)
-    start_step = ckpt["step"] if ckpt else 0
+    start = ckpt["step"] if ckpt else 0
     if args.dataset == "shapes":  # batch b is a pure function of (seed, b): resume continues the same stream
         dataset = data.ShapesStream(args.seed + 1000 * rank, args.batch_size, args.image_size,
-                                    start=start_step * args.grad_accum)
+                                    start=start * args.grad_accum)
     else:  # shards: a resumed run starts a fresh shuffle of the data (seeded by the step)
         dataset = data.ImageTextStream(args.dataset, args.data_dir, args.batch_size, args.image_size,
-                                       rank, world, seed=args.seed + start_step)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                              pin_memory=device_type == "cuda", persistent_workers=workers > 0))
-    null_ids = tok([""]).to(device)                                             # (1, L): the empty prompt phi
+                                       rank, world, seed=args.seed + start)
+    workers = args.workers if args.workers is not None else (4 if device_type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         pin_memory=device_type == "cuda", persistent_workers=workers > 0,
+                                         worker_init_fn=ignore_signals)
+    return tok, iter(loader)
 
-    # ---- model, EMA, optimiser ----
+
+def make_model(args, tok, ckpt, device, device_type):
+    """The live network, its EMA, the optimisers and the random stream, restored from the checkpoint if any."""
     torch.manual_seed(args.seed)
     raw = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction,
                        **args.arch).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False)
     opts = make_optimizers(raw, args, device_type)
-    gen = torch.Generator().manual_seed(args.seed + rank)  # times, noise, caption dropout: one stream per rank
-    elapsed = 0.0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         for o, state in zip(opts, ckpt["opt"] if isinstance(ckpt["opt"], list) else [ckpt["opt"]]):
             o.load_state_dict(state)
-        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        elapsed = ckpt["elapsed"]
+    return raw, ema, opts
+
+
+def make_method(args, tok, raw, ema, gen, device, ddp, local):
+    """The method object (losses.FlowMatching or losses.SelfE) and the network that takes the gradient pass
+    (compiled and/or DDP-wrapped; the no-grad passes use the plain compiled modules)."""
     mu = args.mu if args.mu is not None else losses.shift_mu(raw.grid ** 2)
-    live = torch.compile(raw) if args.compile else raw       # no-grad passes use the plain (compiled) module
+    live = torch.compile(raw) if args.compile else raw
+    net = torch.nn.parallel.DistributedDataParallel(live, device_ids=[local] if device.startswith("cuda") else None) \
+        if ddp else live
+    if args.method == "flow":
+        return losses.FlowMatching(tok, mu, args.caption_dropout, gen, device), net
     ema_eval = torch.compile(ema) if args.compile else ema
-    net = torch.nn.parallel.DistributedDataParallel(live, device_ids=[local] if device_type == "cuda" else None) \
-        if ddp else live                                      # the gradient pass goes through DDP
-    n_params = sum(p.numel() for p in raw.parameters())
+    return losses.SelfE(tok, mu, ema_eval, live, args.caption_dropout, args.tau_anneal,
+                        energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start,
+                        generator=gen, device=device), net
+
+
+class StopRequest:
+    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop at once (the last checkpoint stays as it is)
+            raise SystemExit(f"stopped by a second {signal.Signals(signum).name}; not saved")
+        self.signal = signal.Signals(signum).name
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, world, local, device = setup_distributed(args)
+    master, device_type = rank == 0, device.split(":")[0]
+    args.precision = args.precision or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    args.compile = device_type == "cuda" if args.compile is None else args.compile
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+    args, ckpt = open_run(args, master)
+    tok, loader = make_data(args, ckpt, ddp, rank, world, master, device_type)
+    raw, ema, opts = make_model(args, tok, ckpt, device, device_type)
+    gen = torch.Generator().manual_seed(args.seed + rank)  # dropout, times, noise: one stream per rank
+    if ckpt is not None:
+        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    method, net = make_method(args, tok, raw, ema, gen, device, ddp, local)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
     if master:
-        print(f"{args.method} | model {args.model}: {n_params / 1e6:.2f}M params | {args.dataset} {args.image_size}px"
-              f" | device {device} x{world} | {args.precision} | compile {args.compile} | out {args.out}")
-        if args.max_minutes:
-            print(f"training for {args.max_minutes:g} minutes (or {args.max_steps} steps)"
-                  + ("; on a 2-core CPU expect the prompts' colours in roughly the right places after 15 minutes"
-                     " (clean shapes need longer; see README)" if device_type == "cpu" else ""))
+        announce(args, raw, device, world)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         tok.save(os.path.join(args.out, "tokenizer.json"))
 
-    def checkpoint(step):
+    def checkpoint(step, elapsed):
         rngs = [gen.get_state()]
         if ddp:  # every rank's generator state, so that a resumed DDP run continues each stream
             rngs = [None] * world
             dist.all_gather_object(rngs, gen.get_state())
         if master:
-            save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(),
-                            opt=[o.state_dict() for o in opts],
-                            step=step, elapsed=elapsed, rng=rngs, config=vars(args),
-                            tokenizer=tok.json)
+            models.save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(),
+                                   opt=[o.state_dict() for o in opts], step=step, elapsed=elapsed, rng=rngs,
+                                   config=vars(args), tokenizer=tok.json)
 
-    def grid(step):  # EMA samples of a few prompts at 1, 2, 4, 8 steps
-        sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
-                          os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
-
-    # ---- the loop ----
-    B = args.batch_size
+    # ---- the loop: batch, loss, backward, step, EMA, log, grid, checkpoint ----
+    step = last_saved = ckpt["step"] if ckpt else 0
     clock = time.process_time if args.clock == "cpu" else time.time
-    step, rider, t_start = start_step, None, clock() - elapsed
-    bar = tqdm(total=None if args.max_minutes else args.max_steps, initial=step, disable=not master,
-               dynamic_ncols=True, unit="step")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    t_log, imgs_log, skipped = time.time(), 0, {}
+    t_start = clock() - (ckpt["elapsed"] if ckpt else 0.0)
+    budget = args.max_minutes * 60
+    stop, skipped, log = StopRequest(), {}, Log(args, master, step)
     while step < args.max_steps:
-        elapsed = clock() - t_start
-        if ddp:  # every rank must agree on the time (LR, stopping)
-            e = torch.tensor([elapsed], device=device)
+        elapsed, stop_now = clock() - t_start, stop.signal is not None
+        if ddp:  # every rank must agree on the time (LR, stopping) and on a stop request
+            e = torch.tensor([elapsed, float(stop_now)], device=device)
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
-            elapsed = e.item()
-        if args.max_minutes and elapsed >= args.max_minutes * 60:
+            elapsed, stop_now = e[0].item(), bool(e[1].item())
+        if stop_now or (budget and elapsed >= budget):
             break
-        progress = max(step / args.max_steps, elapsed / (args.max_minutes * 60) if args.max_minutes else 0.0)
+        progress = max(step / args.max_steps, elapsed / budget if budget else 0.0)
         lr = lr_at(step, progress, args)
-        for o in opts:
-            for group in o.param_groups:
-                group["lr"] = lr
-        tau = losses.tau_schedule(progress, args.tau_anneal)
-        use_fake = args.method == "selfe" and args.fake_start is not None and progress >= args.fake_start
-        parts_sum = {}
+        for group in (g for o in opts for g in o.param_groups):
+            group["lr"] = lr
+        parts = {}
         for micro in range(args.grad_accum):
             x0, captions, bad = next(loader)                                         # (B, 3, H, W), B strings
             for k, v in bad.items():                                                 # broken samples, counted
                 skipped[k] = skipped.get(k, 0) + v
-            drop = torch.rand(B, generator=gen) < args.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            ids = tok(captions).to(device)                                           # (B, L)
-            x0 = x0.to(device, non_blocking=True)
-            t = losses.sample_t(B, mu, gen)
-            if args.method == "selfe":
-                s, order = losses.sample_s(t, tau, gen)
-            eps = torch.randn(x0.shape, generator=gen).to(device)
-            eps2 = torch.randn(x0.shape, generator=gen).to(device)
-            t = t.to(device)
             sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
-            with sync:
-                with autocast:
-                    if args.method == "flow":
-                        loss, parts, landing = losses.flow_loss(net, x0, ids, t, eps)
-                    else:
-                        fake = None
-                        if use_fake:
-                            fake_ids = tok(["fake image " + c for c in captions]).to(device)
-                            fake = dict(ids=fake_ids, rider=rider)
-                        loss, parts, landing = losses.selfe_loss(
-                            net, ema_eval, x0, ids, null_ids, t, s.to(device), order.to(device),
-                            eps, eps2, fake=fake, energy_preserving=not args.no_energy_preserving,
-                            live=live)
-                        if use_fake and landing is not None:  # this step's landings train the fake branch next step
-                            n = B // 4
-                            rider = dict(x=landing["x"][:n], s=landing["s"][:n], x0_hat=landing["x0_hat"][:n],
-                                         ids=fake_ids[landing["jump"][:n]])
+            with sync, autocast:
+                loss, p = method.loss(net, x0.to(device, non_blocking=True), captions, progress)
                 (loss / args.grad_accum).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / args.grad_accum
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
+        if not torch.isfinite(grad_norm):  # never step (or save) on NaN/inf: the last checkpoint stays good
+            raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); "
+                             f"stopped without saving. The last good checkpoint is {ckpt_path} (step {last_saved}); "
+                             f"a lower --lr or --clip may help")
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
         ema_update(ema, raw, min(args.ema, (1 + step) / (10 + step)))
         step += 1
-        imgs_log += B * args.grad_accum * world
-
-        if step % args.log_every == 0 or step == args.max_steps:
-            keys = sorted(parts_sum)
-            vals = torch.tensor([parts_sum[k] for k in keys] + [loss.item()], device=device)
-            if ddp:  # logged numbers are averaged across ranks
-                dist.all_reduce(vals, op=dist.ReduceOp.AVG)
-            rate = imgs_log / (time.time() - t_log)
-            t_log, imgs_log = time.time(), 0
-            if master:
-                rec = dict(step=step, loss=vals[-1].item(), **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
-                           lr=lr, tau=round(tau, 4), fake_on=use_fake, grad_norm=round(grad_norm.item(), 4),
-                           img_per_s=round(rate, 1), minutes=round(elapsed / 60, 2), skipped=skipped)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix({"loss": f"{rec['loss']:.4f}", "data": f"{rec['data']:.4f}",
-                                 "self": f"{rec['self']:.4f}", "img/s": f"{rate:.0f}", "tau": f"{tau:.2f}",
-                                 "min": f"{elapsed / 60:.1f}" + (f"/{args.max_minutes:g}" if args.max_minutes else "")})
-        bar.update(1)
+        log.step(step, parts, loss, lr, grad_norm, elapsed, skipped, ddp, device)
         if master and args.sample_every and step % args.sample_every == 0:
-            grid(step)
+            write_grid(ema, tok, args, step, device)
         if step % args.ckpt_every == 0:
-            elapsed = clock() - t_start
-            checkpoint(step)
+            checkpoint(step, clock() - t_start)
+            last_saved = step
     elapsed = clock() - t_start
-    checkpoint(step)
-    bar.close()
+    checkpoint(step, elapsed)
+    log.close()
     if master:
-        grid(step)
-        print(f"done: {step} steps in {elapsed / 60:.1f} min; checkpoint {ckpt_path}; "
-              f"try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
+        write_grid(ema, tok, args, step, device)
+        if stop.signal:
+            print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. "
+                  f"Continue with: python train.py --out {args.out} --resume")
+        else:
+            print(f"done: {step} steps in {elapsed / 60:.1f} min; checkpoint {ckpt_path}; "
+                  f"try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
     if ddp:
         dist.destroy_process_group()
+
+
+def announce(args, raw, device, world):
+    n_params = sum(p.numel() for p in raw.parameters())
+    print(f"{args.method} | model {args.model}: {n_params / 1e6:.2f}M params | {args.dataset} {args.image_size}px"
+          f" | device {device} x{world} | {args.precision} | compile {args.compile} | out {args.out}")
+    if args.max_minutes:
+        print(f"training for {args.max_minutes:g} {'CPU-' if args.clock == 'cpu' else ''}minutes "
+              f"(or {args.max_steps} steps)" + (NEWCOMER if device == "cpu" and args.dataset == "shapes" else ""))
+
+
+NEWCOMER = "; on a 2-core CPU expect the prompts' colours in roughly the right places after 15 minutes" \
+           " (clean shapes need longer; see README)"
+
+
+def write_grid(ema, tok, args, step, device):
+    """EMA samples of a few prompts at 1, 2, 4, 8 steps: <out>/grids/stepNNNNNNN.png."""
+    sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
+                      os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
+
+
+class Log:
+    """Every --log-every steps: loss parts (averaged across ranks) to <out>/log.jsonl and the progress bar.
+    A time-budgeted run's bar estimates its total steps from the measured rate, so it shows an ETA."""
+
+    def __init__(self, args, master, step):
+        self.args, self.master = args, master
+        self.bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+        self.t, self.images = time.time(), 0
+
+    def step(self, step, parts, loss, lr, grad_norm, elapsed, skipped, ddp, device):
+        args = self.args
+        self.images += args.batch_size * args.grad_accum * (dist.get_world_size() if ddp else 1)
+        self.bar.update(1)
+        if step % args.log_every and step != args.max_steps:
+            return
+        keys = sorted(parts)
+        vals = torch.tensor([parts[k] for k in keys] + [loss.item()], device=device)
+        if ddp:  # logged numbers are averaged across ranks
+            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+        rate = self.images / (time.time() - self.t)
+        self.t, self.images = time.time(), 0
+        if not self.master:
+            return
+        rec = dict(step=step, loss=vals[-1].item(), **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
+                   lr=lr, grad_norm=round(grad_norm.item(), 4), img_per_s=round(rate, 1),
+                   minutes=round(elapsed / 60, 2), skipped=skipped)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if args.max_minutes and elapsed > 0:  # steps this budget will reach at the measured rate: an ETA
+            self.bar.total = min(args.max_steps, max(step, round(step / elapsed * args.max_minutes * 60)))
+        self.bar.set_postfix({"loss": f"{rec['loss']:.4f}", "data": f"{rec['data']:.4f}",
+                              "self": f"{rec['self']:.4f}", "img/s": f"{rate:.0f}",
+                              "min": f"{elapsed / 60:.1f}" + (f"/{args.max_minutes:g}" if args.max_minutes else "")})
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ def make_batch(rank, step):
     x0 = torch.randn(B, 3, 8, 8, generator=g)
     ids = torch.randint(1, 20, (B, 6), generator=g)
     t = losses.sample_t(B, 0.0, g)
-    s, order = losses.sample_s(t, 1.0, g)
-    return x0, ids, t, s, order, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    s, jump = losses.sample_s(t, 1.0, g)
+    return x0, ids, t, s, jump, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+
+
+def selfe(ema, live):
+    return losses.SelfE(lambda captions: torch.zeros(len(captions), 6, dtype=torch.long), 0.0, ema, live)
 
 
 def ema_update(ema, net):
@@ -45,20 +49,19 @@ def main():
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)  # linear in the gradient: a fair comparison (Adam is not)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
-    null = torch.zeros(1, 6, dtype=torch.long)
+    method, method_ref = selfe(ema, net), selfe(ema_ref, ref)
     for step in range(3):
-        x0, ids, t, s, order, eps, eps2 = make_batch(rank, step)
-        loss, _, _ = losses.selfe_loss(ddp, ema, x0, ids, null, t, s, order, eps, eps2, live=net)
+        x0, ids, t, s, jump, eps, eps2 = make_batch(rank, step)
+        loss, _, _ = method.step_loss(ddp, x0, ids, t, s, jump, eps, eps2)
         loss.backward()
         opt.step()
         opt.zero_grad()
         ema_update(ema, net)
         if rank == 0:  # the same step in one process, on the combined batch of both ranks
             b0, b1 = make_batch(0, step), make_batch(1, step)
-            o0, o1 = b0[4], b1[4] + B
-            order_c = torch.cat([o0[: B // 2], o1[: B // 2], o0[B // 2:], o1[B // 2:]])  # both jumping halves first
+            jump = torch.cat([b0[4], b1[4] + B])  # both ranks' jumps, rank 1's indices shifted
             x0, ids, t, s, _, eps, eps2 = (torch.cat([u, v]) for u, v in zip(b0, b1))
-            loss, _, _ = losses.selfe_loss(ref, ema_ref, x0, ids, null, t, s, order_c, eps, eps2)
+            loss, _, _ = method_ref.step_loss(ref, x0, ids, t, s, jump, eps, eps2)
             loss.backward()
             opt_ref.step()
             opt_ref.zero_grad()

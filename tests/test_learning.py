@@ -47,17 +47,15 @@ def train(method, steps=300, B=128, seed=0):
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
-    null = torch.zeros(1, 1, dtype=torch.long)
+    tok = lambda captions: torch.zeros(len(captions), 1, dtype=torch.long)  # asked only for the null prompt
+    m = losses.FlowMatching(tok, 0.0) if method == "flow" else losses.SelfE(tok, 0.0, ema, net)
     for step in range(steps):
         x0, ids = batch(B, g)
         ids = torch.where(torch.rand(B, 1, generator=g) < 0.1, torch.zeros_like(ids), ids)  # caption dropout
         t = losses.sample_t(B, 0.0, g)
         eps, eps2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
-        if method == "flow":
-            loss, _, _ = losses.flow_loss(net, x0, ids, t, eps)
-        else:
-            s, order = losses.sample_s(t, losses.tau_schedule(step / steps, 0.3), g)
-            loss, _, _ = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2)
+        s, jump = (t, None) if method == "flow" else losses.sample_s(t, losses.tau_schedule(step / steps, 0.3), g)
+        loss, _, _ = m.step_loss(net, x0, ids, t, s, jump, eps, eps2)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,4 +1,4 @@
-"""selfe_loss wires Eqs. 7-21 together as the paper says: which pass sees which weights, time and prompt."""
+"""SelfE.step_loss wires Eqs. 7-21 together as the paper says: which pass sees which weights, time and prompt."""
 import torch
 
 import losses
@@ -24,22 +24,26 @@ def setup(B=8, seed=0):
     ids = torch.randint(1, 9, (B, 5), generator=g)
     ids[1] = 0  # a dropped caption
     t = torch.rand(B, generator=g) * 0.8 + 0.1
-    s, order = losses.sample_s(t, 1.0, g)
+    s, jump = losses.sample_s(t, 1.0, g)
     eps, eps2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
-    return x0, ids, t, s, order, eps, eps2
+    return x0, ids, t, s, jump, eps, eps2
+
+
+def null_tok(L=5):
+    """A stand-in tokenizer: every caption (the methods here only ask for the empty one) -> zeros (n, L)."""
+    return lambda captions: torch.zeros(len(captions), L, dtype=torch.long)
 
 
 def test_self_evaluation_passes_and_gradient():
     B = 8
-    x0, ids, t, s, order, eps, eps2 = setup(B)
+    x0, ids, t, s, jump, eps, eps2 = setup(B)
     P = torch.randn(B, 3, 4, 4, requires_grad=True)     # G(x_t, t, s, c) of the live network
     C, U = torch.randn(B // 2, 3, 4, 4), torch.randn(B // 2, 3, 4, 4)
     net, ema, live = Fixed(P), Fixed(C), Fixed(U)
-    null = torch.zeros(1, 5, dtype=torch.long)
-    total, parts, landing = losses.selfe_loss(net, ema, x0, ids, null, t, s, order, eps, eps2,
-                                              energy_preserving=False, live=live)
+    method = losses.SelfE(null_tok(), 0.0, ema, live, energy_preserving=False)
+    total, parts, landing = method.step_loss(net, x0, ids, t, s, jump, eps, eps2)
     # one pass with gradient on the whole batch; two no-grad passes on the jumping half, at time s, s
-    jump = order[: B // 2]
+    assert len(jump) == B // 2 and (s[jump] < t[jump]).all()
     assert len(net.calls) == 1 and net.calls[0]["n"] == B
     assert ema.calls[0]["n"] == B // 2 and live.calls[0]["n"] == B // 2
     for c in (ema.calls[0], live.calls[0]):
@@ -65,12 +69,10 @@ def test_self_evaluation_passes_and_gradient():
 
 def test_energy_preserving_loss_regresses_onto_the_renormalised_target():
     B = 8
-    x0, ids, t, s, order, eps, eps2 = setup(B, seed=1)
+    x0, ids, t, s, jump, eps, eps2 = setup(B, seed=1)
     P = torch.randn(B, 3, 4, 4, requires_grad=True)
     C, U = torch.randn(B // 2, 3, 4, 4), torch.randn(B // 2, 3, 4, 4)
-    null = torch.zeros(1, 5, dtype=torch.long)
-    total, _, _ = losses.selfe_loss(Fixed(P), Fixed(C), x0, ids, null, t, s, order, eps, eps2, live=Fixed(U))
-    jump = order[: B // 2]
+    total, _, _ = losses.SelfE(null_tok(), 0.0, Fixed(C), Fixed(U)).step_loss(Fixed(P), x0, ids, t, s, jump, eps, eps2)
     has_caption = (ids[jump] != 0).any(1).float()
     x_self = P.detach().clone()
     x_self[jump] = P.detach()[jump] - (U - C) * has_caption.view(-1, 1, 1, 1)
@@ -79,22 +81,22 @@ def test_energy_preserving_loss_regresses_onto_the_renormalised_target():
     target = losses.energy_preserving_target(x0, x_self, lam)
     expected = (losses.time_weight(t) * (P.detach() - target).pow(2).flatten(1).mean(1)).mean()
     assert torch.allclose(total, expected, atol=1e-6)
-    stay = order[B // 2:]   # samples with s = t regress onto the data: lambda = 0 gives x_renorm = x0
+    stay = torch.tensor([i for i in range(B) if i not in jump.tolist()])  # s = t: lambda = 0, x_renorm = x0
     assert torch.allclose(target[stay], x0[stay], atol=1e-6)
 
 
 def test_fake_branch_rides_in_the_batch():
     B = 8
-    x0, ids, t, s, order, eps, eps2 = setup(B, seed=2)
+    x0, ids, t, s, jump, eps, eps2 = setup(B, seed=2)
     n = 2
     rider = dict(x=torch.randn(n, 3, 4, 4), s=torch.tensor([0.3, 0.6]), x0_hat=torch.randn(n, 3, 4, 4),
                  ids=torch.full((n, 5), 7))
     P = torch.randn(B + n, 3, 4, 4, requires_grad=True)
     C, U = torch.randn(B // 2, 3, 4, 4), torch.randn(B // 2, 3, 4, 4)
     net = Fixed(P)
-    fake = dict(ids=torch.full((B, 5), 3), rider=rider)
-    total, parts, _ = losses.selfe_loss(net, Fixed(C), x0, ids, torch.zeros(1, 5, dtype=torch.long), t, s, order,
-                                        eps, eps2, fake=fake, live=Fixed(U))
+    method = losses.SelfE(null_tok(), 0.0, Fixed(C), Fixed(U))
+    method.rider = rider
+    total, parts, _ = method.step_loss(net, x0, ids, t, s, jump, eps, eps2, fake_ids=torch.full((B, 5), 3))
     call = net.calls[0]
     assert call["n"] == B + n                                    # still one pass with gradient
     assert torch.equal(call["t"][B:], rider["s"]) and torch.equal(call["s"][B:], rider["s"])

@@ -124,10 +124,12 @@ def test_sample_s_half_jumps_and_respects_tau():
     g = torch.Generator().manual_seed(0)
     t = torch.rand(1000, generator=g) * 0.98 + 0.01
     for tau in (0.0, 0.3, 1.0):
-        s, order = losses.sample_s(t, tau, g)
+        s, jump = losses.sample_s(t, tau, g)
         assert (s <= t).all() and (s >= (1 - tau) * t - 1e-6).all()
-        jump, stay = order[:500], order[500:]
-        assert torch.equal(s[stay], t[stay])  # exactly half: s = t
+        stay = torch.ones(1000, dtype=torch.bool)
+        stay[jump] = False
+        assert len(jump) == 500 and len(set(jump.tolist())) == 500  # exactly half jump, no index twice
+        assert torch.equal(s[stay], t[stay])                         # the other half: s = t
         if tau > 0:
             assert (s[jump] < t[jump]).all()
     _, _ = losses.sample_s(t, 1.0, g)
@@ -166,7 +168,7 @@ class Counter(torch.nn.Module):
 def test_sampler_evaluation_count(steps, cfg):
     net, B = Counter(), 3
     sampler.sample(net, torch.ones(B, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), steps, 0.4,
-                   (3, 8, 8), cfg=cfg)
+                   (3, 8, 8), omega=cfg)
     assert net.images == B * steps * (1 if cfg == 1.0 else 2)
     assert len(net.calls) == steps
 

@@ -40,9 +40,12 @@ def tiny_step_inputs(B=8, seed=0):
     x0 = torch.randn(B, 3, 8, 8, generator=g)
     ids = torch.randint(1, 20, (B, 6), generator=g)
     t = losses.sample_t(B, 0.0, g)
-    s, order = losses.sample_s(t, 1.0, g)
-    return x0, ids, torch.zeros(1, 6, dtype=torch.long), t, s, order, torch.randn(x0.shape, generator=g), \
-        torch.randn(x0.shape, generator=g)
+    s, jump = losses.sample_s(t, 1.0, g)
+    return x0, ids, t, s, jump, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+
+
+def selfe(ema, live):
+    return losses.SelfE(lambda captions: torch.zeros(len(captions), 6, dtype=torch.long), 0.0, ema, live)
 
 
 def tiny_net():
@@ -57,9 +60,9 @@ def test_bf16_autocast_step_on_cpu():
     net = tiny_net()
     ema = copy.deepcopy(net).requires_grad_(False)
     inputs = tiny_step_inputs()
-    loss32, _, _ = losses.selfe_loss(net, ema, *inputs)
+    loss32, _, _ = selfe(ema, net).step_loss(net, *inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss16, _, _ = losses.selfe_loss(net, ema, *inputs)
+        loss16, _, _ = selfe(ema, net).step_loss(net, *inputs)
         assert net.x_embed(torch.randn(2, 48)).dtype == torch.bfloat16  # autocast is really on
     loss16.backward()
     assert torch.isfinite(loss16) and abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
@@ -78,9 +81,9 @@ def test_compiled_step_matches_eager_and_does_not_recompile():
     graphs = []
     for step in range(3):
         inputs = tiny_step_inputs(seed=step)  # new data every step, same shapes
-        loss, _, _ = losses.selfe_loss(compiled, ema_c, *inputs, live=compiled)
+        loss, _, _ = selfe(ema_c, compiled).step_loss(compiled, *inputs)
         if step == 0:
-            ref, _, _ = losses.selfe_loss(eager, ema, *inputs)
+            ref, _, _ = selfe(ema, eager).step_loss(eager, *inputs)
             assert abs(loss.item() - ref.item()) < 1e-4 * max(1.0, ref.item())
         loss.backward()
         opt.step()

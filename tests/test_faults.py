@@ -1,0 +1,199 @@
+"""No hang, no lost work: data that yields nothing, interrupted and diverging runs, failing saves, bad flags.
+
+Every run here has a time-out: code that hangs fails the test instead of stalling CI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import model as models
+import train
+from test_realdata import encode, rgb, write_tar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2"]
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def one_clear_line(r):
+    """Failed, said why on stderr, no traceback."""
+    return r.returncode != 0 and "error" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- 1. data that yields nothing --------------------------------------------------------------------------
+
+def test_shards_with_only_broken_images_stop_with_counts(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_tar(d / "00000.tar", [m for i in range(6) for m in
+                                ((f"{i:04d}.jpg", b"not a jpeg"), (f"{i:04d}.txt", b"a caption"))])
+    t0 = time.time()
+    r = run("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--out", str(tmp_path / "run"), timeout=60)
+    assert one_clear_line(r), r.stderr[-2000:]
+    assert "no usable sample" in r.stderr and "6 bad image" in r.stderr and "KEY.jpg + KEY.txt" in r.stderr
+    assert time.time() - t0 < 60
+
+
+def test_folder_without_captions_stops_with_counts(tmp_path):
+    for i in range(5):
+        rgb(i).save(tmp_path / f"{i}.png")
+    r = run("train.py", "--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+            timeout=60)
+    assert one_clear_line(r), r.stderr[-2000:]
+    assert "no usable sample" in r.stderr and "5 no caption" in r.stderr
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.json")  # no tokenizer from zero captions
+
+
+def test_too_few_captions_for_a_tokenizer(tmp_path):
+    for i in range(2):
+        rgb(i).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a cat")
+    with pytest.raises(SystemExit, match="2 usable caption"):
+        data.tokenizer_for("folder", str(tmp_path), 64, 8, str(tmp_path / "run"), False, True)
+
+
+def test_an_endless_stream_of_nothing_raises_instead_of_spinning(tmp_path):
+    for i in range(3):
+        rgb(i).save(tmp_path / f"{i}.png")                 # images, no captions
+    code = f"import data; next(iter(data.ImageTextStream('folder', {str(tmp_path)!r}, 2, 8)))"
+    r = run("-c", code, timeout=60)                        # in a child process: a hang fails by its time-out
+    assert r.returncode != 0 and "RuntimeError" in r.stderr and "3 no caption" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_few_good_samples_among_many_bad_still_train(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    members = [m for i in range(20) for m in ((f"b{i:03d}.jpg", b"broken"), (f"b{i:03d}.txt", b"x"))]
+    members += [m for i in range(5) for m in ((f"g{i:03d}.jpg", encode(rgb(i), "JPEG")),
+                                             (f"g{i:03d}.txt", f"a photo of cat {i}".encode()))]
+    write_tar(d / "00000.tar", members)
+    out = tmp_path / "run"
+    r = run("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--image-size", "16", "--vocab-size", "64",
+            *SMALL, "--batch-size", "4", "--max-steps", "2", "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert rec["skipped"].get("bad_image", 0) >= 20        # the broken ones, counted in the log
+
+
+# ---- 2. interrupted and diverging runs --------------------------------------------------------------------
+
+def ckpt_step(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["step"]
+    except Exception:
+        return -1
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    steps = ["--max-steps", "40", "--ckpt-every", "1000"]  # no periodic checkpoint: only SIGTERM's save
+    r = run("train.py", *SMALL, *steps, "--out", a, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(b, "log.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not (os.path.exists(log) and os.path.getsize(log)):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    stopped = ckpt_step(os.path.join(b, "ckpt.pt"))
+    assert 2 <= stopped < 40, f"not stopped mid-way (step {stopped})"
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    r = run("train.py", "--resume", "--out", b, timeout=300)
+    assert "done: 40 steps" in r.stdout, r.stderr[-2000:]
+    A = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    B = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    for key in ("model", "ema"):
+        for name, tensor in A[key].items():
+            assert torch.equal(tensor, B[key][name]), f"{key}.{name} differs after SIGTERM + resume"
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = data.shapes_batch
+
+    def poisoned(seed, index, batch_size, image_size=32):  # batch 5 on carries NaN pixels
+        x, captions = real(seed, index, batch_size, image_size)
+        return (x * float("nan") if index >= 5 else x), captions
+
+    monkeypatch.setattr(data, "shapes_batch", poisoned)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train.main sets its own
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at step 6.*step 4"):
+        train.main([*SMALL, "--max-steps", "10", "--ckpt-every", "2", "--out", out])
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    ck = models.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_a_failing_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    models.save_checkpoint(path, model={"w": torch.ones(3)}, step=1)
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left.*previous checkpoint .* is intact"):
+        models.save_checkpoint(path, model={"w": torch.zeros(3)}, step=2)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert not os.path.exists(path + ".tmp")
+
+
+# ---- 3. bad command-line input fails before any work ------------------------------------------------------
+
+@pytest.mark.parametrize("flags, says", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--image-size", "30"], "patch size 4"),
+    (["--max-minutes", "-1"], "--max-minutes"),
+    (["--lr", "0"], "--lr"),
+    (["--max-steps", "0"], "--max-steps"),
+    (["--model", "huge"], "--model"),
+    (["--grad-accum", "0"], "--grad-accum"),
+])
+def test_train_rejects_bad_flags_at_once(tmp_path, flags, says):
+    r = run("train.py", *flags, "--out", str(tmp_path / "run"), timeout=60)
+    assert one_clear_line(r) and says in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "run")                # nothing was started
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run("train.py", *SMALL, "--max-steps", "2", "--batch-size", "4", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return str(out / "ckpt.pt")
+
+
+def test_sample_out_folder_or_bad_extension(tmp_path, tiny_ckpt):
+    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "grid.pdq"), "--prompt", "a red circle")
+    assert one_clear_line(r) and "extension" in r.stderr
+    folder = tmp_path / "pics"
+    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(folder), "--prompt", "a red circle", "--n", "2",
+            "--steps", "1", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = sorted(os.listdir(folder))
+    assert "grid.png" in names and len([n for n in names if n.endswith(".png")]) == 1 + 2 * 2
+
+
+def test_evaluate_rejects_a_checkpoint_of_another_image_size(tmp_path, tiny_ckpt):
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["config"]["image_size"] = 64
+    torch.save(ck, tmp_path / "big.pt")
+    r = run("evaluate.py", "--ckpt", str(tmp_path / "big.pt"), "--steps", "1", "--per-task", "1")
+    assert one_clear_line(r) and "64 px" in r.stderr and "32 px" in r.stderr
