@@ -175,17 +175,18 @@ class FlowMatching:
 class SelfE(FlowMatching):
     """Self-E: flow matching on every pair (s, t) plus self-evaluation of the jumps s < t (Eqs. 7-21).
 
-    ema: the conditional evaluator (EMA weights, paper S.2); live: the plain live module for the no-grad
-    passes (the `net` given to loss may be DDP-wrapped: it takes the one pass with gradient).
+    evaluator: the weights of the conditional self-evaluation pass (the EMA, paper S.2); live: the plain
+    live module for the other no-grad passes (the `net` given to loss may be DDP-wrapped: it takes the one
+    pass with gradient).
     tau_anneal: fraction of training over which the longest jump grows to the full [0, t].
     fake_start: None, or the fraction of training from which the auxiliary fake-score term is on
     (appendix S.1.2): the prompt c_fake = "fake image " + caption, and a quarter of the batch's landings
     (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8)."""
 
-    def __init__(self, tok, mu, ema, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
+    def __init__(self, tok, mu, evaluator, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
                  fake_start=None, k=0.9, generator=None, device="cpu"):
         super().__init__(tok, mu, caption_dropout, generator, device)
-        self.ema, self.live, self.tau_anneal = ema, live, tau_anneal
+        self.evaluator, self.live, self.tau_anneal = evaluator, live, tau_anneal
         self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
         self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
 
@@ -230,7 +231,7 @@ class SelfE(FlowMatching):
             tj, sj = t[jump], s[jump]
             x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)   # alpha_s sg[x0_hat] + sigma_s eps'
             with torch.no_grad():
-                G_c = G(self.ema, x_s_hat, sj, sj, ids[jump])                                 # conditional: EMA
+                G_c = G(self.evaluator, x_s_hat, sj, sj, ids[jump])                           # conditional: EMA
                 G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1))    # unconditional: live
                 G_fake = G(self.live, x_s_hat, sj, sj, fake_ids[jump]) if fake_ids is not None else None
             delta = self_eval_direction(G_phi, G_c, G_fake, self.k)       # Eq. 14 (Eq. s.6 with the fake term)

@@ -14,6 +14,7 @@ samples land on the data. With many steps both methods reach the modes.
 """
 import argparse
 import copy
+import json
 import math
 import os
 
@@ -163,11 +164,13 @@ def main():
     if args.steps < 1:
         p.error("--steps must be at least 1")
     nets = {m: train(m, args.steps, seed=args.seed) for m in ("flow", "selfe")}
-    for m, net in nets.items():
-        print(f"{m:5s} distance to the label's modes at 1 / 2 / 4 / 50 steps: " +
-              " / ".join(f"{distance_to_modes(*generate(net, m, k)):.3f}" for k in (1, 2, 4, 50)))
+    res = {m: {k: round(distance_to_modes(*generate(net, m, k)), 4) for k in (1, 2, 4, 50)} for m, net in nets.items()}
+    for m, r in res.items():
+        print(f"{m:5s} distance to the label's modes at 1 / 2 / 4 / 50 steps: " + " / ".join(f"{v:.3f}" for v in r.values()))
     figure(nets, args.out)
-    print(f"wrote {args.out}")
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(dict(distance_to_modes=res, args=vars(args)), f, indent=1)
+    print(f"wrote {args.out} and its .json")
 
 
 if __name__ == "__main__":

@@ -96,8 +96,10 @@ def get_args(argv=None):
                    help="fraction of training over which tau goes 0 -> 1 (paper: 300k of 710k)")
     g.add_argument("--no-energy-preserving", action="store_true", help="ablation: plain Eq. 16 instead of Eq. 20")
     g.add_argument("--fake-start", type=float, default=None,
-                   help="switch the fake-score term on at this fraction of training (paper: 0.77); off if unset")
+                   help="switch the fake-score term on at this fraction of training (paper: 0.775); off if unset")
     g.add_argument("--mu", type=float, default=None, help="time shift (default from the image token count)")
+    g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
+                   help="weights of the conditional self-evaluation pass (paper S.2: the EMA's)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "muon"],
                    help="muon: torch.optim.Muon on the blocks' 2-D weights (RMS matched to Adam's), Adam on the rest")
@@ -112,6 +114,9 @@ def get_args(argv=None):
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--sample-every", type=int, default=500, help="sample grids at 1/2/4/8 steps (0: never)")
     g.add_argument("--ckpt-every", type=int, default=250)
+    g.add_argument("--snapshots", type=float, nargs="*", default=[],
+                   help="also keep a copy of the checkpoint as ckpt_<M>min.pt when the budget clock passes M "
+                        "minutes (learning curves)")
     g.add_argument("--cfg", type=float, default=None,
                    help="guidance scale omega stored for sampling (default 1.0 for selfe, 2.0 for flow)")
     args = p.parse_args(argv)
@@ -154,7 +159,8 @@ def make_optimizers(raw, args, device_type):
 
 
 def setup_distributed(args):
-    """One process, or DDP when torchrun sets RANK. Returns (ddp, rank, world, local, device)."""
+    """One process, or DDP when torchrun sets RANK; precision and compile defaults for the device.
+    Returns (ddp, rank, world, local, device, autocast context)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -164,9 +170,14 @@ def setup_distributed(args):
     else:
         rank, world, local = 0, 1, 0
     device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    return ddp, rank, world, local, device
+    args.precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
+    args.compile = cuda if args.compile is None else args.compile
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+    return ddp, rank, world, local, device, autocast
 
 
 def open_run(args, master):
@@ -179,7 +190,7 @@ def open_run(args, master):
             raise SystemExit(f"error: --resume but there is no {ckpt_path}; start a run without --resume")
         ckpt = models.load_checkpoint(ckpt_path)
         may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
-                      "precision"}
+                      "precision", "snapshots"}
         given = {k: getattr(args, k) for k in args.given if k in may_change}
         args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given, "resume": True})
     elif os.path.exists(ckpt_path):
@@ -215,8 +226,9 @@ def make_data(args, ckpt, ddp, rank, world, master, device_type):
     return tok, iter(loader)
 
 
-def make_model(args, tok, ckpt, device, device_type):
-    """The live network, its EMA, the optimisers and the random stream, restored from the checkpoint if any."""
+def make_model(args, tok, ckpt, device, device_type, rank):
+    """The live network, its EMA, the optimisers and this rank's random stream (caption dropout, times,
+    noise), restored from the checkpoint if any."""
     torch.manual_seed(args.seed)
     raw = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction,
                        **args.arch).to(device)
@@ -227,7 +239,10 @@ def make_model(args, tok, ckpt, device, device_type):
         ema.load_state_dict(ckpt["ema"])
         for o, state in zip(opts, ckpt["opt"] if isinstance(ckpt["opt"], list) else [ckpt["opt"]]):
             o.load_state_dict(state)
-    return raw, ema, opts
+    gen = torch.Generator().manual_seed(args.seed + rank)
+    if ckpt is not None:
+        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return raw, ema, opts, gen
 
 
 def make_method(args, tok, raw, ema, gen, device, ddp, local):
@@ -240,7 +255,8 @@ def make_method(args, tok, raw, ema, gen, device, ddp, local):
     if args.method == "flow":
         return losses.FlowMatching(tok, mu, args.caption_dropout, gen, device), net
     ema_eval = torch.compile(ema) if args.compile else ema
-    return losses.SelfE(tok, mu, ema_eval, live, args.caption_dropout, args.tau_anneal,
+    evaluator = ema_eval if args.evaluator == "ema" else live
+    return losses.SelfE(tok, mu, evaluator, live, args.caption_dropout, args.tau_anneal,
                         energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start,
                         generator=gen, device=device), net
 
@@ -267,40 +283,31 @@ def ignore_signals(worker_id):
 
 def main(argv=None):
     args = get_args(argv)
-    ddp, rank, world, local, device = setup_distributed(args)
+    ddp, rank, world, local, device, autocast = setup_distributed(args)
     master, device_type = rank == 0, device.split(":")[0]
-    args.precision = args.precision or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    args.compile = device_type == "cuda" if args.compile is None else args.compile
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "bf16"
-                else contextlib.nullcontext())
     args, ckpt = open_run(args, master)
     tok, loader = make_data(args, ckpt, ddp, rank, world, master, device_type)
-    raw, ema, opts = make_model(args, tok, ckpt, device, device_type)
-    gen = torch.Generator().manual_seed(args.seed + rank)  # dropout, times, noise: one stream per rank
-    if ckpt is not None:
-        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    raw, ema, opts, gen = make_model(args, tok, ckpt, device, device_type, rank)
     method, net = make_method(args, tok, raw, ema, gen, device, ddp, local)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if master:
-        announce(args, raw, device, world)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        tok.save(os.path.join(args.out, "tokenizer.json"))
+        announce(args, raw, tok, device, world)
 
-    def checkpoint(step, elapsed):
+    def checkpoint(step, elapsed, path=ckpt_path):
         rngs = [gen.get_state()]
         if ddp:  # every rank's generator state, so that a resumed DDP run continues each stream
             rngs = [None] * world
             dist.all_gather_object(rngs, gen.get_state())
         if master:
-            models.save_checkpoint(ckpt_path, model=raw.state_dict(), ema=ema.state_dict(),
+            models.save_checkpoint(path, model=raw.state_dict(), ema=ema.state_dict(),
                                    opt=[o.state_dict() for o in opts], step=step, elapsed=elapsed, rng=rngs,
                                    config=vars(args), tokenizer=tok.json)
 
     # ---- the loop: batch, loss, backward, step, EMA, log, grid, checkpoint ----
     step = last_saved = ckpt["step"] if ckpt else 0
     clock = time.process_time if args.clock == "cpu" else time.time
-    t_start = clock() - (ckpt["elapsed"] if ckpt else 0.0)
+    before = ckpt["elapsed"] if ckpt else 0.0
+    t_start = clock() - before
     budget = args.max_minutes * 60
     stop, skipped, log = StopRequest(), {}, Log(args, master, step)
     while step < args.max_steps:
@@ -309,6 +316,9 @@ def main(argv=None):
             e = torch.tensor([elapsed, float(stop_now)], device=device)
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
             elapsed, stop_now = e[0].item(), bool(e[1].item())
+        for m in (m for m in args.snapshots if before < m * 60 <= elapsed):  # copies for learning curves
+            checkpoint(step, elapsed, snapshot_path(args, m))
+        before = elapsed
         if stop_now or (budget and elapsed >= budget):
             break
         progress = max(step / args.max_steps, elapsed / budget if budget else 0.0)
@@ -328,9 +338,9 @@ def main(argv=None):
                 parts[k] = parts.get(k, 0.0) + v / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
         if not torch.isfinite(grad_norm):  # never step (or save) on NaN/inf: the last checkpoint stays good
+            kept = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "none was saved"
             raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); "
-                             f"stopped without saving. The last good checkpoint is {ckpt_path} (step {last_saved}); "
-                             f"a lower --lr or --clip may help")
+                             f"stopped without saving: {kept}. A lower --lr or --clip may help")
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -347,17 +357,22 @@ def main(argv=None):
     log.close()
     if master:
         write_grid(ema, tok, args, step, device)
-        if stop.signal:
-            print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. "
-                  f"Continue with: python train.py --out {args.out} --resume")
-        else:
-            print(f"done: {step} steps in {elapsed / 60:.1f} min; checkpoint {ckpt_path}; "
-                  f"try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
+        print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. Continue with: python train.py "
+              f"--out {args.out} --resume" if stop.signal else f"done: {step} steps in {elapsed / 60:.1f} min; "
+              f"checkpoint {ckpt_path}; try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
     if ddp:
         dist.destroy_process_group()
 
 
-def announce(args, raw, device, world):
+def snapshot_path(args, minutes):
+    return os.path.join(args.out, f"ckpt_{minutes:g}min.pt")
+
+
+def announce(args, raw, tok, device, world):
+    """Say what is being trained, and write the run's config.json and tokenizer.json."""
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    tok.save(os.path.join(args.out, "tokenizer.json"))
     n_params = sum(p.numel() for p in raw.parameters())
     print(f"{args.method} | model {args.model}: {n_params / 1e6:.2f}M params | {args.dataset} {args.image_size}px"
           f" | device {device} x{world} | {args.precision} | compile {args.compile} | out {args.out}")

@@ -1,4 +1,4 @@
-"""benchmark.py: the issue's targets are judged right, and runs train two at a time, one core each, and resume."""
+"""benchmark.py: the paper's claims are judged right, and runs train two at a time, one core each, and resume."""
 import argparse
 import os
 import subprocess

@@ -123,3 +123,11 @@ def test_training_is_unchanged_by_the_refactor(tmp_path, method):
         # bit-identical on one machine; the tolerance allows for other CPUs' float kernels, and is far below
         # what one changed random draw does (eps and eps' drawn in swapped order move the sum by ~0.9)
         assert got == pytest.approx(BEFORE_REFACTOR[method][which], abs=2e-3), (which, got)
+
+
+def test_snapshots_keep_copies_along_the_run(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *SMALL, "--max-steps", "30", "--batch-size", "4", "--snapshots", "0.002", "--out", str(out))
+    snap = torch.load(out / "ckpt_0.002min.pt", weights_only=True)
+    final = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 0 < snap["step"] < final["step"] == 30 and snap["elapsed"] >= 0.002 * 60
