@@ -6,6 +6,7 @@
                                                          #   and Self-E with a second seed (noise)
     nohup python benchmark.py > bench.log 2>&1 &         # unattended; the same command again resumes it
     python benchmark.py --ablations --jobs 2             # two runs at a time, one core each
+    python benchmark.py --curves --minutes 120 --snapshots 15 30 60 --jobs 2   # learning curves
 
 Both methods train the same architecture with the same batch, seed and wall-clock budget (train.py with
 --max-minutes); each run resumes from its checkpoint if interrupted. Then both are scored with
@@ -14,6 +15,14 @@ under sampling ablations (s_k = t_{k+1} / t_k / midpoint, eta 0 / 1, a CFG sweep
 measured in one process. Writes <out>/results.json (every number) and results.md (the tables), and the
 README's figures overall_vs_steps.png, ablations.png and grid.png to --assets.
 Finished pieces are cached in results.json, so a re-run only does what is missing.
+Budgets are CPU-minutes of each run's own process (train.py --clock cpu), so a run that shares the machine
+still gets its compute.
+
+--curves: flow matching and Self-E train side by side for --minutes, keeping snapshot checkpoints at
+--snapshots minutes (one run each: the snapshots are points along one learning-rate schedule, not separate
+shorter runs); every snapshot and the end are scored at 1-50 steps. Writes results.json["curves"],
+<assets>/curves.png and <assets>/curves_grid.png, and the budget at which each of the paper's claims first
+holds.
 """
 import argparse
 import json
@@ -37,6 +46,8 @@ RUNS = {  # name: extra train.py arguments
     "selfe_fake_start": ["--fake-start", "0"],      # ablation: fake-score term from the start
     "selfe_fake_late": ["--fake-start", "0.775"],   # the paper's recipe: from 550k of 710k iterations
     "selfe_seed1": ["--seed", "1"],                 # Self-E again, another seed: how large is run-to-run noise?
+    "curve_flow": ["--method", "flow"],             # --curves: the two learning curves
+    "curve_selfe": [],
 }
 GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
 
@@ -45,8 +56,10 @@ def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench")
     p.add_argument("--assets", default="assets", help="where the README's figures go")
-    p.add_argument("--minutes", type=float, default=30.0, help="training budget per run (wall clock)")
+    p.add_argument("--minutes", type=float, default=30.0, help="training budget per run (CPU-minutes)")
     p.add_argument("--ablations", action="store_true", help="also train the three Self-E ablations")
+    p.add_argument("--curves", action="store_true", help="learning curves instead (see above)")
+    p.add_argument("--snapshots", type=float, nargs="*", default=[15, 30, 60], help="--curves: minutes to score")
     p.add_argument("--per-task", type=int, default=50, help="ShapesEval prompts per task")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -70,8 +83,10 @@ def train(names, args):
             if os.path.exists(os.path.join(out, "ckpt.pt")):
                 cmd += ["--resume"]
             else:
-                cmd += ["--max-minutes", str(args.minutes), "--seed", str(args.seed), "--sample-every", "0",
-                        *RUNS[name], *args.train_args.split()]
+                cmd += ["--max-minutes", str(args.minutes), "--clock", "cpu", "--seed", str(args.seed),
+                        "--sample-every", "0", *RUNS[name], *args.train_args.split()]
+                if name.startswith("curve_"):
+                    cmd += ["--snapshots", *map(str, args.snapshots)]
             print(" ".join(cmd), flush=True)
             procs.append((name, out, subprocess.Popen(cmd, env=env)))
         for name, out, p in procs:
@@ -89,8 +104,8 @@ def summary(out):
                 img_per_s=round(float(np.median([r["img_per_s"] for r in log])), 1), final_loss=log[-1]["loss"])
 
 
-def score(name, args, steps=STEPS, **opts):
-    net, tok, cfg = sample.load(os.path.join(args.out, "runs", name, "ckpt.pt"))
+def score(name, args, steps=STEPS, ckpt="ckpt.pt", **opts):
+    net, tok, cfg = sample.load(os.path.join(args.out, "runs", name, ckpt))
     gen = sample.make_generate(net, tok, cfg, **opts)
     return evaluate.evaluate(gen, steps, args.per_task, args.n, cfg["image_size"], args.seed)
 
@@ -209,11 +224,11 @@ def write_report(res, args):
     open(os.path.join(args.out, "results.md"), "w").write("\n".join(lines) + "\n")
 
 
-def grid(res, args):
+def grid(res, args, names=("flow", "selfe"), path=None):
     """Rows: a few prompts; columns: 1, 2, 4, 8, 50 steps; one block per method."""
     from PIL import Image, ImageDraw
     blocks = []
-    for name in ("flow", "selfe"):
+    for name in names:
         net, tok, cfg = sample.load(os.path.join(args.out, "runs", name, "ckpt.pt"))
         gen = sample.make_generate(net, tok, cfg)
         images = {}
@@ -222,14 +237,74 @@ def grid(res, args):
             images[steps] = data.to_uint8(gen([p for p in GRID_PROMPTS for _ in range(2)], steps))
         g = sample.grid_image(images, GRID_PROMPTS, STEPS, 2)
         title = Image.new("RGB", (g.width, 18), (255, 255, 255))
-        ImageDraw.Draw(title).text((4, 3), {"flow": "flow matching", "selfe": "Self-E"}[name], fill=(0, 0, 0))
+        ImageDraw.Draw(title).text((4, 3), "flow matching" if "flow" in name else "Self-E", fill=(0, 0, 0))
         blocks += [title, g]
     out = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))
     y = 0
     for b in blocks:
         out.paste(b, (0, y))
         y += b.height
-    out.save(os.path.join(args.assets, "grid.png"))
+    out.save(path or os.path.join(args.assets, "grid.png"))
+
+
+def curves(res, args, save):
+    """Train the two learning-curve runs, score each snapshot and the end, judge the claims at each budget."""
+    res.setdefault("curves", {})
+    names = ["curve_flow", "curve_selfe"]
+    res["train"] = {**res.get("train", {}), **train(names, args)}
+    save()
+    budgets = sorted({*args.snapshots, args.minutes})
+    for name in names:
+        for m in budgets:
+            if f"{m:g}" in res["curves"].setdefault(name, {}):
+                continue
+            path = "ckpt.pt" if m == args.minutes else f"ckpt_{m:g}min.pt"
+            ck = torch.load(os.path.join(args.out, "runs", name, path), map_location="cpu", weights_only=True)
+            res["curves"][name][f"{m:g}"] = dict(score(name, args, ckpt=path), optimiser_steps=ck["step"],
+                                                 images=ck["step"] * ck["config"]["batch_size"])
+            print(name, m, json.dumps({k: round(v["overall"], 3) for k, v in res["curves"][name][f"{m:g}"].items()
+                                       if isinstance(v, dict)}), flush=True)
+            save()
+    res["curve_claims"] = first_budgets(res["curves"], budgets)
+    plot_curves(res, budgets, os.path.join(args.assets, "curves.png"))
+    grid(res, args, names=names, path=os.path.join(args.assets, "curves_grid.png"))
+    save()
+
+
+def first_budgets(curves, budgets):
+    """{claim: the first budget (minutes, as a string) at which it holds, or None}. A claim is judged only
+    where Self-E's 50-step score is at least 0.1: below that both methods draw noise and 0 >= 2 x 0 'holds'."""
+    out = {}
+    for m in (f"{b:g}" for b in budgets):
+        verdicts = targets({"eval": {"selfe": curves["curve_selfe"][m], "flow": curves["curve_flow"][m]}})
+        for claim, v in verdicts.items():
+            out.setdefault(claim, None)
+            if out[claim] is None and v[-1] and curves["curve_selfe"][m]["50"]["overall"] >= 0.1:
+                out[claim] = m
+    return out
+
+
+def plot_curves(res, budgets, path):
+    """ShapesEval overall against CPU-minutes: colour = step count, solid = Self-E, dashed = flow matching."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, steps in enumerate(STEPS):
+        for name, style in (("curve_selfe", "-"), ("curve_flow", "--")):
+            y = [res["curves"][name][f"{m:g}"][str(steps)]["overall"] for m in budgets]
+            ax.plot(budgets, y, style, marker="o", color=f"C{i}",
+                    label=f"{'Self-E' if name == 'curve_selfe' else 'flow'} {steps} step{'s' * (steps > 1)}")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(budgets, [f"{m:g}" for m in budgets])
+    ax.set_xlabel("training CPU-minutes (one core)")
+    ax.set_ylabel("ShapesEval overall")
+    ax.set_ylim(0, 1.0)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -239,8 +314,13 @@ def main():
     res = json.load(open(path)) if os.path.exists(path) else {}
     save = lambda: json.dump(res, open(path, "w"), indent=1)
     res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    res["args"] = vars(args)
-    names = list(RUNS) if args.ablations else ["flow", "selfe"]
+    res["curve_args" if args.curves else "args"] = vars(args)
+    if args.curves:
+        os.makedirs(args.assets, exist_ok=True)
+        curves(res, args, save)
+        return print(json.dumps(res["curve_claims"], indent=1))
+    names = ["flow", "selfe", "selfe_no_ep", "selfe_fake_start", "selfe_fake_late", "selfe_seed1"] \
+        if args.ablations else ["flow", "selfe"]
     res["train"] = {**res.get("train", {}), **train(names, args)}
     save()
     if "reference" not in res:

@@ -118,11 +118,13 @@ def write_grid(net, tok, cfg, prompts, steps_list, path, n=1, seed=0, device="cp
     return images
 
 
-def write_images(images, prompts, steps_list, n, folder):
-    """One PNG per image: <folder>/<steps>step_<prompt index>_<k>.png."""
+def write_images(images, n, grid_path):
+    """One PNG per image beside the grid: <grid name>_<steps>step_<prompt index>_<k>.png (the grid's name is
+    new, so these never overwrite earlier ones)."""
+    root = os.path.splitext(grid_path)[0]
     for steps, imgs in images.items():
         for i, img in enumerate(imgs):
-            Image.fromarray(img).save(os.path.join(folder, f"{steps}step_{i // n:02d}_{i % n}.png"))
+            Image.fromarray(img).save(f"{root}_{steps}step_{i // n:02d}_{i % n}.png")
 
 
 def main():
@@ -162,7 +164,7 @@ def main():
     images = write_grid(net, tok, cfg, prompts, args.steps, out, n=args.n, seed=args.seed, device=device,
                         omega=args.cfg, eta=args.eta, s_mode=args.s_mode)
     if folder:
-        write_images(images, prompts, args.steps, args.n, os.path.dirname(out))
+        write_images(images, args.n, out)
     opts = sampling_defaults(cfg, args.cfg, args.eta, args.s_mode)
     print(f"wrote {out}" + (f" and {len(prompts) * args.n * len(args.steps)} single images beside it" if folder else "")
           + f": {len(prompts)} prompts x {args.n}, steps {args.steps}, omega {opts['omega']}, eta {opts['eta']}, "

@@ -41,6 +41,7 @@ CONFIGS = {
     "p8_conv_lr2e-3": ["--patch", "8", "--conv-head", "16", "--lr", "2e-3"],
     "p8_conv_batch32": ["--patch", "8", "--conv-head", "16", "--batch-size", "32"],
     "p8_conv_d256x4": ["--patch", "8", "--conv-head", "16", "--dim", "256", "--depth", "4"],
+    "p8_conv_seed1": ["--patch", "8", "--conv-head", "16", "--seed", "1"],  # the round-1 winner, second seed
 }
 
 

@@ -33,8 +33,9 @@ import sample
 
 def check_args(p, args):
     """Bad values fail here, with one line naming the flag, before any work starts."""
-    patch = args.patch or models.MODELS[args.model]["patch"]
-    image_size = args.image_size or (32 if args.dataset == "shapes" else 64)
+    given = lambda k: getattr(args, k) if getattr(args, k) is not None else models.MODELS[args.model].get(k)
+    dim, depth, heads, patch = (given(k) for k in ("dim", "depth", "heads", "patch"))
+    image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
     for bad, msg in [
         (args.batch_size < 1, "--batch-size must be at least 1"),
         (args.grad_accum < 1, "--grad-accum must be at least 1"),
@@ -47,12 +48,11 @@ def check_args(p, args):
         (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
         (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
          "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
-        (image_size < 1 or image_size % patch, f"--image-size {image_size} must be a positive multiple of the "
-                                               f"patch size {patch}"),
-        ((args.dim or 1) < 1 or (args.depth or 1) < 1 or (args.heads or 1) < 1 or (args.conv_head or 0) < 0,
-         "--dim, --depth and --heads must be at least 1, --conv-head at least 0"),
-        ((args.dim or models.MODELS[args.model]["dim"]) % (args.heads or models.MODELS[args.model]["heads"]),
-         "--dim must be a multiple of --heads"),
+        (min(dim, depth, heads, patch) < 1 or (args.conv_head or 0) < 0,
+         "--dim, --depth, --heads and --patch must be at least 1, --conv-head at least 0"),
+        (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
+        (image_size < 1 or image_size % max(patch, 1), f"--image-size {image_size} must be a positive multiple "
+                                                       f"of the patch size {patch}"),
     ]:
         if bad:
             p.error(msg)
@@ -123,7 +123,7 @@ def get_args(argv=None):
     check_args(p, args)
     argv = sys.argv[1:] if argv is None else argv
     args.given = sorted({a.dest for a in p._actions for x in argv if x.split("=")[0] in a.option_strings})
-    args.image_size = args.image_size or (32 if args.dataset == "shapes" else 64)
+    args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
     args.max_text_len = args.max_text_len or (16 if args.dataset == "shapes" else 32)
     if args.max_minutes is None:
         args.max_minutes = 15.0 if args.dataset == "shapes" else 0.0

@@ -50,3 +50,15 @@ def test_two_runs_at_a_time_one_thread_each_then_cached(tmp_path, monkeypatch):
     events.clear()
     again = benchmark.train(["flow", "selfe"], args)  # finished runs are not trained again
     assert events == [] and again == out
+
+
+def test_first_budget_of_each_claim():
+    curves = {"curve_selfe": {"15": rows([0.02, 0.03, 0.03, 0.03, 0.05]), "30": rows([0.10, 0.30, 0.31, 0.32, 0.33]),
+                              "60": rows([0.30, 0.50, 0.52, 0.55, 0.56])},
+              "curve_flow": {"15": rows([0.0, 0.0, 0.02, 0.03, 0.04]), "30": rows([0.05, 0.20, 0.30, 0.33, 0.34]),
+                             "60": rows([0.05, 0.20, 0.40, 0.50, 0.55])}}
+    first = benchmark.first_budgets(curves, [15, 30, 60])
+    assert first["selfe@2 >= 2 x flow@2"] == "60"        # 0.30 < 2 x 0.20 at 30; 0.50 >= 0.40 at 60
+    assert first["selfe@2 >= 0.9 x selfe@50"] == "30"    # 15 holds too, but Self-E draws nothing there (< 0.1)
+    assert first["selfe@50 >= flow@50 - 0.02"] == "30"
+    assert first["selfe@8 >= 0.6"] is None
