@@ -272,13 +272,21 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint of this project ({type(e).__name__}: {e})")
-    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= set(ckpt):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model/config/tokenizer in it)")
+    if not isinstance(ckpt, dict) or not {"ema", "config", "tokenizer"} <= set(ckpt):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (no ema/config/tokenizer in it)")
     return ckpt
 
 
+def export_weights(ckpt, path, half=True):
+    """Weights to ship: the EMA (fp16 if half; loading casts back to fp32), config and tokenizer, no optimiser."""
+    ema = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    save_checkpoint(path, ema=ema, config=ckpt["config"], tokenizer=ckpt["tokenizer"], step=ckpt["step"],
+                    elapsed=ckpt["elapsed"])
+
+
 def from_checkpoint(ckpt, vocab_size, weights="ema"):
-    """The network a checkpoint's config describes, with its EMA (default) or live weights, in eval mode."""
+    """The network a checkpoint's config describes, with its EMA (default) or live weights, in eval mode
+    (fp32: fp16 weights of an exported checkpoint are cast on loading)."""
     cfg = ckpt["config"]
     net = build(cfg["model"], vocab_size, cfg["max_text_len"], cfg["image_size"], cfg.get("prediction", "x"),
                 **cfg.get("arch", {}))

@@ -30,7 +30,8 @@ DEFAULT_PROMPTS = [
     "a black circle below a triangle",
 ]
 DEFAULT_CKPT = "runs/shapes/ckpt.pt"                  # your own run (python train.py)
-SHIPPED_CKPT = "checkpoints/shapes_tiny_selfe.pt"     # the weights in this repository, used when you have none
+SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes_tiny_selfe.pt")
+# ^ the weights in this repository (Self-E, EMA, fp16), used when you have no run of your own
 
 
 def default_checkpoint():

@@ -189,6 +189,9 @@ def open_run(args, master):
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: --resume but there is no {ckpt_path}; start a run without --resume")
         ckpt = models.load_checkpoint(ckpt_path)
+        if "opt" not in ckpt:
+            raise SystemExit(f"error: {ckpt_path} holds exported weights only (no optimiser state); it cannot be "
+                             f"resumed")
         may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
                       "precision", "snapshots"}
         given = {k: getattr(args, k) for k in args.given if k in may_change}

@@ -131,3 +131,43 @@ def test_snapshots_keep_copies_along_the_run(tmp_path):
     snap = torch.load(out / "ckpt_0.002min.pt", weights_only=True)
     final = torch.load(out / "ckpt.pt", weights_only=True)
     assert 0 < snap["step"] < final["step"] == 30 and snap["elapsed"] >= 0.002 * 60
+
+
+def test_exported_weights_are_small_and_sample_like_the_checkpoint(tmp_path):
+    import model as models
+    import sample
+    out = tmp_path / "run"
+    run("train.py", *SMALL, "--max-steps", "3", "--batch-size", "4", "--out", str(out))
+    ck = models.load_checkpoint(str(out / "ckpt.pt"))
+    models.export_weights(ck, str(tmp_path / "ship.pt"))
+    assert os.path.getsize(tmp_path / "ship.pt") < os.path.getsize(out / "ckpt.pt") / 4   # EMA only, fp16
+    images = {}
+    for path in (out / "ckpt.pt", tmp_path / "ship.pt"):
+        net, tok, cfg = sample.load(str(path))
+        assert next(net.parameters()).dtype == torch.float32
+        torch.manual_seed(0)
+        images[path] = sample.make_generate(net, tok, cfg)(["a red circle"] * 4, 2)
+    a, b = images.values()
+    assert (a - b).abs().max() < 0.02                      # fp16 weights: the same samples, to rounding
+    os.replace(tmp_path / "ship.pt", tmp_path / "ckpt.pt")
+    r = run("train.py", "--resume", "--out", str(tmp_path), check=False)
+    assert r.returncode != 0 and "exported weights only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_uses_the_shipped_weights_only_without_a_run_and_says_which(tmp_path, monkeypatch, capsys):
+    import sys as _sys
+    import model as models
+    import sample
+    run("train.py", *SMALL, "--max-steps", "2", "--batch-size", "4", "--out", str(tmp_path / "runs" / "shapes"))
+    ck = models.load_checkpoint(str(tmp_path / "runs" / "shapes" / "ckpt.pt"))
+    models.export_weights(ck, str(tmp_path / "shipped.pt"))
+    monkeypatch.setattr(sample, "SHIPPED_CKPT", str(tmp_path / "shipped.pt"))
+    work = tmp_path / "newcomer"
+    work.mkdir()
+    monkeypatch.chdir(work)                               # no runs/shapes here: the shipped weights
+    monkeypatch.setattr(_sys, "argv", ["sample.py", "--prompt", "a red circle", "--n", "1", "--out", "a.png"])
+    sample.main()
+    assert "using the shipped weights" in capsys.readouterr().out and os.path.exists(work / "a.png")
+    monkeypatch.chdir(tmp_path)                           # runs/shapes/ckpt.pt here: the user's own run
+    sample.main()
+    assert "using your run: runs/shapes/ckpt.pt" in capsys.readouterr().out
