@@ -42,6 +42,8 @@ CONFIGS = {
     "p8_conv_batch32": ["--patch", "8", "--conv-head", "16", "--batch-size", "32"],
     "p8_conv_d256x4": ["--patch", "8", "--conv-head", "16", "--dim", "256", "--depth", "4"],
     "p8_conv_seed1": ["--patch", "8", "--conv-head", "16", "--seed", "1"],  # the round-1 winner, second seed
+    "p8_seed1": ["--patch", "8", "--seed", "1"],                           # round 2's winner, second seed
+    "p8_muon": ["--patch", "8", "--optimizer", "muon"],                    # the two gains together
 }
 
 
@@ -89,13 +91,26 @@ def summary(out):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     rows = json.load(open(os.path.join(out, "shapes_eval.json")))["rows"]
     cfg = ckpt["config"]
-    return dict(args=CONFIGS[os.path.basename(out).split("_", 1)[1]], steps=ckpt["step"],
+    method, name = os.path.basename(out).split("_", 1)
+    return dict(args=(["--method", "selfe"] if method == "selfe" else []) + CONFIGS[name], steps=ckpt["step"],
                 cpu_minutes=round(ckpt["elapsed"] / 60, 2), batch=cfg["batch_size"],
                 img_per_s=round(float(np.median([r["img_per_s"] for r in log])), 1),
                 final_loss=round(float(np.mean([r["loss"] for r in log[-10:]])), 4), rows=rows)
 
 
-def write_md(res, path, method):
+def write_report(res, path):
+    """results.md: one table per method, best first."""
+    md = ["# Recipe search: 15 CPU-minutes per run, ShapesEval on 20 prompts per task x 4 images", "",
+          "`python search.py` (one change at a time; `vs base` = against the default recipe, seed 0; images per",
+          "CPU-second = optimiser steps x batch / CPU-seconds)", ""]
+    for method, title in (("flow", "Flow matching"), ("selfe", "Self-E (`python search.py --method selfe`)")):
+        runs = {k: v for k, v in res.items() if k.startswith(method + "_")}
+        if runs:
+            md += [f"## {title}", "", table(runs, method), ""]
+    open(path, "w").write("\n".join(md))
+
+
+def table(res, method):
     base = res.get(f"{method}_base", {}).get("rows", {}).get("50", {}).get("overall")
     lines = ["| config | args | optimiser steps | images per CPU-second | 1 step | 2 steps | 50 steps | vs base | "
              "swd@50 | per task @50 |",
@@ -109,7 +124,7 @@ def write_md(res, path, method):
         lines.append(f"| {name} | `{' '.join(r['args'])}` | {r['steps']} | {rate:.0f} | "
                      f"{rows['1']['overall']:.3f} | {rows['2']['overall']:.3f} | {rows['50']['overall']:.3f} | {d} | "
                      f"{rows['50']['swd']:.2f} | {tasks} |")
-    open(path, "w").write("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def main():
@@ -125,7 +140,7 @@ def main():
                 continue
             res[os.path.basename(out)] = summary(out)
             json.dump(res, open(path, "w"), indent=1)
-            write_md(res, os.path.join(args.out, "results.md"), args.method)
+            write_report(res, os.path.join(args.out, "results.md"))
             print(f"{out}: {res[os.path.basename(out)]['rows']['50']['overall']:.3f} at 50 steps", flush=True)
 
 

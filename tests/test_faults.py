@@ -15,6 +15,7 @@ import data
 import model as models
 import train
 from test_realdata import encode, rgb, write_tar
+from test_train import ckpt_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2"]
@@ -85,13 +86,6 @@ def test_a_few_good_samples_among_many_bad_still_train(tmp_path):
 
 
 # ---- 2. interrupted and diverging runs --------------------------------------------------------------------
-
-def ckpt_step(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)["step"]
-    except Exception:
-        return -1
-
 
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
