@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import losses
-from model import TimeMLP
+from model import TimeMLP, ema_update
 from sampler import sample
 
 LABELS = 3
@@ -83,9 +83,7 @@ def train(method, steps=1500, B=256, seed=0, lr=2e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), net.parameters()):
-                e.lerp_(p, 1 - min(0.99, (1 + step) / (10 + step)))
+        ema_update(ema, net, 0.99, step)
     return ema
 
 

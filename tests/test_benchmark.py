@@ -62,3 +62,15 @@ def test_first_budget_of_each_claim():
     assert first["selfe@2 >= 0.9 x selfe@50"] == "30"    # 15 holds too, but Self-E draws nothing there (< 0.1)
     assert first["selfe@50 >= flow@50 - 0.02"] == "30"
     assert first["selfe@8 >= 0.6"] is None
+
+
+def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned():
+    import search
+    import train
+    base = train.get_args(search.BASELINE)
+    assert (base.arch["patch"], base.optimizer, base.lr) == (4, "adam", 1e-3)  # 'base', whatever the defaults
+    for name, flags in search.CONFIGS.items():
+        args = train.get_args([*search.BASELINE, *flags])        # later flags override BASELINE's
+        changed = {k for k in vars(args) if k not in ("given", "arch") and getattr(args, k) != getattr(base, k)}
+        changed |= {f"arch.{k}" for k in args.arch if args.arch[k] != base.arch.get(k)}
+        assert changed or name == "base", f"{name} changes nothing"

@@ -20,7 +20,7 @@ import math
 import torch
 
 import losses
-from model import DiT
+from model import DiT, ema_update
 from sampler import sample
 
 OWN = {1: 0.0, 2: 180.0}   # each prompt's own mode (degrees); 90 is shared
@@ -59,9 +59,7 @@ def train(method, steps=300, B=128, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), net.parameters()):
-                e.lerp_(p, 1 - min(0.99, (1 + step) / (10 + step)))
+        ema_update(ema, net, 0.99, step)
     return ema
 
 

@@ -243,7 +243,7 @@ def test_model_shapes_zero_init_and_two_times():
     assert not torch.allclose(net(x, t, t, torch.zeros_like(ids))[0], v1[0])  # so is the prompt
     assert torch.allclose(G(net, x, t, t, ids), x - t.view(-1, 1, 1, 1) * v1, atol=1e-6)
     x_patch = net.patchify(x)
-    assert x_patch.shape == (3, 16, 48) and torch.equal(net.unpatchify(x_patch), x)
+    assert x_patch.shape == (3, 4, 192) and torch.equal(net.unpatchify(x_patch), x)  # 2x2 patches of 8x8x3
     # padding is ignored: more trailing zeros do not change the output
     net2 = models.build("tiny", vocab_size=50, max_text_len=12, image_size=16)
     net2.load_state_dict({k: (v if k != "text.pos" else torch.cat([v, torch.zeros(1, 4, v.shape[2])], 1))

@@ -114,7 +114,7 @@ def test_training_is_unchanged_by_the_refactor(tmp_path, method):
     out = str(tmp_path / method)
     r = run("train.py", "--method", method, "--max-steps", "6", "--batch-size", "8", "--max-minutes", "0",
             "--sample-every", "0", "--out", out, "--warmup", "2", "--tau-anneal", "0.4", "--fake-start", "0.5",
-            "--seed", "3")
+            "--seed", "3", "--patch", "4", "--optimizer", "adam", "--lr", "1e-3")  # b90af2b's defaults
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     for which in ("model", "ema"):
         v = torch.cat([p.flatten().double() for _, p in sorted(ck[which].items())])
@@ -171,3 +171,15 @@ def test_sample_uses_the_shipped_weights_only_without_a_run_and_says_which(tmp_p
     monkeypatch.chdir(tmp_path)                           # runs/shapes/ckpt.pt here: the user's own run
     sample.main()
     assert "using your run: runs/shapes/ckpt.pt" in capsys.readouterr().out
+
+
+def test_checkpoints_from_before_tiny_moved_to_patch_8_still_load():
+    import model as models
+    old = models.build("tiny", vocab_size=30, max_text_len=8, image_size=32, patch=4)
+    for arch in ({}, {"dim": 128}):  # what train.py stored then: only the flags given
+        ck = {"config": {"model": "tiny", "max_text_len": 8, "image_size": 32, "arch": arch}, "ema": old.state_dict()}
+        assert models.from_checkpoint(ck, 30).patch == 4
+    new = models.build("tiny", vocab_size=30, max_text_len=8, image_size=32)
+    ck = {"config": {"model": "tiny", "max_text_len": 8, "image_size": 32, "arch": dict(models.MODELS["tiny"])},
+          "ema": new.state_dict()}
+    assert models.from_checkpoint(ck, 30).patch == 8 == models.MODELS["tiny"]["patch"]
