@@ -22,7 +22,8 @@ still gets its compute.
 --snapshots minutes (one run each: the snapshots are points along one learning-rate schedule, not separate
 shorter runs); every snapshot and the end are scored at 1-50 steps. Writes results.json["curves"],
 <assets>/curves.png and <assets>/curves_grid.png, and the budget at which each of the paper's claims first
-holds.
+holds. Then ships the end of the Self-E curve as checkpoints/shapes_tiny_selfe.pt (the weights sample.py
+uses when you have no run of your own): fp16 if that moves no score by more than 0.01, measured.
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ import torch
 
 import data
 import evaluate
+import model as models
 import sample
 
 STEPS = [1, 2, 4, 8, 50]
@@ -49,6 +51,7 @@ RUNS = {  # name: extra train.py arguments
     "curve_flow": ["--method", "flow"],             # --curves: the two learning curves
     "curve_selfe": [],
 }
+SHIPPED = sample.SHIPPED_CKPT  # checkpoints/shapes_tiny_selfe.pt: what sample.py uses when you have no run
 GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
 
 
@@ -268,6 +271,28 @@ def curves(res, args, save):
     res["curve_claims"] = first_budgets(res["curves"], budgets)
     plot_curves(res, budgets, os.path.join(args.assets, "curves.png"))
     grid(res, args, names=names, path=os.path.join(args.assets, "curves_grid.png"))
+    save()
+    ship(res, args, save)
+
+
+def ship(res, args, save, path=SHIPPED):
+    """The end of the Self-E curve, as the repository's weights (EMA, config, tokenizer; no optimiser): fp16
+    if every score stays within 0.01 of the fp32 checkpoint's, else fp32. Scored again from the file itself."""
+    if res.get("shipped", {}).get("path") == os.path.relpath(path) and os.path.exists(path):
+        return
+    ckpt = models.load_checkpoint(os.path.join(args.out, "runs", "curve_selfe", "ckpt.pt"))
+    fp32 = res["curves"]["curve_selfe"][f"{args.minutes:g}"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for half in (True, False):
+        models.export_weights(ckpt, path, half=half)
+        rows = score("curve_selfe", args, ckpt=os.path.abspath(path))
+        diff = max(abs(rows[str(k)]["overall"] - fp32[str(k)]["overall"]) for k in STEPS)
+        if diff <= 0.01:
+            break
+    res["shipped"] = dict(path=os.path.relpath(path), dtype="fp16" if half else "fp32",
+                          bytes=os.path.getsize(path), step=ckpt["step"], max_diff_vs_fp32=round(diff, 4), rows=rows)
+    print(f"shipped {path} ({res['shipped']['dtype']}, {res['shipped']['bytes'] / 1e6:.1f} MB): largest score "
+          f"change vs the fp32 checkpoint {diff:.4f}", flush=True)
     save()
 
 

@@ -1,6 +1,7 @@
 """ShapesEval: GenEval in miniature, for the shapes world, with no pretrained network.
 
-A fixed set of evaluation prompts (100 per task by default, GenEval's six tasks), N images per prompt.
+A fixed set of evaluation prompts (50 per task by default, as README and the benchmark use; GenEval's six
+tasks), N images per prompt.
 An analytic detector finds the objects of each image (foreground segmentation against the background,
 connected components, shape by template IoU, colour from the object's own pixels), and GenEval's rules
 judge each image right or wrong. A task's score is the mean over its images; overall is the unweighted
@@ -257,7 +258,7 @@ def main():
     p.add_argument("--noise", action="store_true", help="score Gaussian noise and blank images (floor)")
     p.add_argument("--ckpt", help="checkpoint to generate with (train.py's ckpt.pt)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50])
-    p.add_argument("--per-task", type=int, default=100, help="prompts per task")
+    p.add_argument("--per-task", type=int, default=50, help="prompts per task (the benchmark's and README's)")
     p.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale omega (default: the checkpoint's)")
     p.add_argument("--eta", type=float, default=None, help="sampler noise 0..1 (default: the checkpoint's)")

@@ -3,6 +3,8 @@ import argparse
 import os
 import subprocess
 
+import pytest
+
 import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,3 +76,22 @@ def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned
         changed = {k for k in vars(args) if k not in ("given", "arch") and getattr(args, k) != getattr(base, k)}
         changed |= {f"arch.{k}" for k in args.arch if args.arch[k] != base.arch.get(k)}
         assert changed or name == "base", f"{name} changes nothing"
+
+
+def test_shipped_weights_are_fp16_only_when_no_score_moves(tmp_path, monkeypatch):
+    import torch
+    import model as models
+    net = models.build("tiny", vocab_size=30, max_text_len=8, image_size=32)
+    ck = dict(ema=net.state_dict(), config={"model": "tiny"}, tokenizer="{}", step=7, elapsed=60.0)
+    monkeypatch.setattr(benchmark.models, "load_checkpoint", lambda path: ck)
+    fp32 = [0.10, 0.20, 0.30, 0.40, 0.50]
+    for shift, want in ((0.005, "fp16"), (0.03, "fp32")):
+        def fake_score(name, args, ckpt):  # fp16 weights move every score by `shift`
+            half = any(v.dtype == torch.float16 for v in torch.load(ckpt, weights_only=True)["ema"].values())
+            return rows([v + shift * half for v in fp32])
+        monkeypatch.setattr(benchmark, "score", fake_score)
+        res = {"curves": {"curve_selfe": {"120": rows(fp32)}}}
+        path = tmp_path / want / "ship.pt"
+        benchmark.ship(res, argparse.Namespace(out=str(tmp_path), minutes=120.0), lambda: None, path=str(path))
+        assert res["shipped"]["dtype"] == want and path.exists()
+        assert res["shipped"]["max_diff_vs_fp32"] == pytest.approx(shift if want == "fp16" else 0.0)
