@@ -94,8 +94,8 @@ def train(names, args):
             procs.append((name, out, subprocess.Popen(cmd, env=env)))
         for name, out, p in procs:
             if p.wait() != 0:
-                raise SystemExit(f"error: training {name} failed (exit {p.returncode}); run the same command "
-                                 f"again to resume it")
+                raise SystemExit(f"error: training {name} did not finish (exit {p.returncode}: stopped by a "
+                                 f"signal, saved, if > 128); run the same command again to resume it")
             open(os.path.join(out, "DONE"), "w").close()
     return {name: summary(os.path.join(args.out, "runs", name)) for name in names}
 
