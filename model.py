@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# sizes: tiny trains on a 2-core CPU at 32 px; the others are meant for a GPU at 64 px and above
+# sizes: tiny trains on a 2-core CPU at 32 px; the others are meant for a GPU at 64 px and above. Parameter counts
+# are `python model.py`'s, with a 1024-token vocabulary; tiny on shapes' ~100-token vocabulary has 1.8M
 MODELS = {
-    "tiny": dict(dim=128, depth=4, heads=4, patch=8, text_layers=2),    # 1.9M params, the CPU default
+    "tiny": dict(dim=128, depth=4, heads=4, patch=8, text_layers=2),    # 1.9M, the CPU default
     "small": dict(dim=256, depth=8, heads=8, patch=4, text_layers=3),   # 13M
     "base": dict(dim=384, depth=12, heads=6, patch=4, text_layers=4),    # 40M
     "large": dict(dim=768, depth=16, heads=12, patch=4, text_layers=6),  # 217M

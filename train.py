@@ -33,9 +33,7 @@ import sample
 
 def check_args(p, args):
     """Bad values fail here, with one line naming the flag, before any work starts."""
-    given = lambda k: getattr(args, k) if getattr(args, k) is not None else models.MODELS[args.model].get(k)
-    dim, depth, heads, patch = (given(k) for k in ("dim", "depth", "heads", "patch"))
-    image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
+    dim, depth, heads, patch = (args.arch[k] for k in ("dim", "depth", "heads", "patch"))
     for bad, msg in [
         (args.batch_size < 1, "--batch-size must be at least 1"),
         (args.grad_accum < 1, "--grad-accum must be at least 1"),
@@ -48,11 +46,11 @@ def check_args(p, args):
         (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
         (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
          "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
-        (min(dim, depth, heads, patch) < 1 or (args.conv_head or 0) < 0,
+        (min(dim, depth, heads, patch) < 1 or (args.arch.get("conv_head") or 0) < 0,
          "--dim, --depth, --heads and --patch must be at least 1, --conv-head at least 0"),
         (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
-        (image_size < 1 or image_size % max(patch, 1), f"--image-size {image_size} must be a positive multiple "
-                                                       f"of the patch size {patch}"),
+        (args.image_size < 1 or args.image_size % max(patch, 1),
+         f"--image-size {args.image_size} must be a positive multiple of the patch size {patch}"),
     ]:
         if bad:
             p.error(msg)
@@ -121,17 +119,17 @@ def get_args(argv=None):
     g.add_argument("--cfg", type=float, default=None,
                    help="guidance scale omega stored for sampling (default 1.0 for selfe, 2.0 for flow)")
     args = p.parse_args(argv)
+    args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
+    overrides = {k: getattr(args, k) for k in ("dim", "depth", "heads", "patch", "conv_head", "qk_norm")
+                 if getattr(args, k) is not None}
+    args.arch = {**models.MODELS[args.model], **overrides}  # the whole network, kept in the checkpoint's config
     check_args(p, args)
     argv = sys.argv[1:] if argv is None else argv
     args.given = sorted({a.dest for a in p._actions for x in argv if x.split("=")[0] in a.option_strings})
-    args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
     args.max_text_len = args.max_text_len or (16 if args.dataset == "shapes" else 32)
     if args.max_minutes is None:
         args.max_minutes = 15.0 if args.dataset == "shapes" else 0.0
     args.out = args.out or f"runs/{args.dataset}" + ("-flow" if args.method == "flow" else "")
-    overrides = {k: getattr(args, k) for k in ("dim", "depth", "heads", "patch", "conv_head", "qk_norm")
-                 if getattr(args, k) is not None}
-    args.arch = {**models.MODELS[args.model], **overrides}  # the whole network, kept in the checkpoint's config
     return args
 
 
