@@ -21,9 +21,10 @@ still gets its compute.
 --curves: flow matching and Self-E train side by side for --minutes, keeping snapshot checkpoints at
 --snapshots minutes (one run each: the snapshots are points along one learning-rate schedule, not separate
 shorter runs); every snapshot and the end are scored at 1-50 steps. Writes results.json["curves"],
-<assets>/curves.png and <assets>/curves_grid.png, and the budget at which each of the paper's claims first
-holds. Then ships the end of the Self-E curve as checkpoints/shapes_tiny_selfe.pt (the weights sample.py
-uses when you have no run of your own): fp16 if that moves no score by more than 0.01, measured.
+<assets>/curves.png and <assets>/curves_grid.png, and whether each of the paper's claims holds at each budget
+(results.json["curve_claims"]). Then ships the end of the Self-E curve as checkpoints/shapes_tiny_selfe.pt
+(the weights sample.py uses when you have no run of your own): fp16 if that moves no score by more than
+0.01, measured.
 """
 import argparse
 import json
@@ -268,7 +269,7 @@ def curves(res, args, save):
             print(name, m, json.dumps({k: round(v["overall"], 3) for k, v in res["curves"][name][f"{m:g}"].items()
                                        if isinstance(v, dict)}), flush=True)
             save()
-    res["curve_claims"] = first_budgets(res["curves"], budgets)
+    res["curve_claims"] = claims_by_budget(res["curves"], budgets)
     plot_curves(res, budgets, os.path.join(args.assets, "curves.png"))
     grid(res, args, names=names, path=os.path.join(args.assets, "curves_grid.png"))
     save()
@@ -296,16 +297,19 @@ def ship(res, args, save, path=SHIPPED):
     save()
 
 
-def first_budgets(curves, budgets):
-    """{claim: the first budget (minutes, as a string) at which it holds, or None}. A claim is judged only
-    where Self-E's 50-step score is at least 0.1: below that both methods draw noise and 0 >= 2 x 0 'holds'."""
+def claims_by_budget(curves, budgets):
+    """{claim: {"first": the first budget (minutes, as a string) at which it holds, or None, "at": {budget: holds}}}.
+    A claim is judged only where Self-E's 50-step score is at least 0.1 (else "at" says None): below that both
+    methods draw noise and 0 >= 2 x 0 'holds'. "at" shows a claim that holds early and is lost later."""
     out = {}
     for m in (f"{b:g}" for b in budgets):
         verdicts = targets({"eval": {"selfe": curves["curve_selfe"][m], "flow": curves["curve_flow"][m]}})
+        judged = curves["curve_selfe"][m]["50"]["overall"] >= 0.1
         for claim, v in verdicts.items():
-            out.setdefault(claim, None)
-            if out[claim] is None and v[-1] and curves["curve_selfe"][m]["50"]["overall"] >= 0.1:
-                out[claim] = m
+            c = out.setdefault(claim, {"first": None, "at": {}})
+            c["at"][m] = bool(v[-1]) if judged else None
+            if c["first"] is None and c["at"][m]:
+                c["first"] = m
     return out
 
 

@@ -62,6 +62,9 @@ CONFIGS = {
     "p8_muon_lr4e-3": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3"],
     "p8_muon_lr8e-3": ["--patch", "8", "--optimizer", "muon", "--lr", "8e-3"],
     "p8_muon_lr4e-3_seed1": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3", "--seed", "1"],
+    # round 5, Self-E at the adopted recipe: diagnose.py finds Delta mostly EMA lag until the lr has decayed
+    "p8_muon_lr4e-3_evallive": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3", "--evaluator", "live"],
+    "p8_muon_lr4e-3_ema0.99": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3", "--ema", "0.99"],
 }
 
 

@@ -381,7 +381,7 @@ def announce(args, raw, tok, device, world):
 
 
 NEWCOMER = "; on a 2-core CPU expect rough shapes in the asked colours at 50 sampling steps after 15 minutes," \
-           " blurred colour blobs at 1-2 steps (ShapesEval ~0.26 / 0.17 / 0.10; see README)"
+           " blurred colour blobs at 1-2 steps (ShapesEval ~0.31 / 0.19 / 0.10; see README)"
 
 
 def write_grid(ema, tok, args, step, device):

@@ -54,16 +54,19 @@ def test_two_runs_at_a_time_one_thread_each_then_cached(tmp_path, monkeypatch):
     assert events == [] and again == out
 
 
-def test_first_budget_of_each_claim():
+def test_each_claim_judged_at_each_budget_and_its_first():
     curves = {"curve_selfe": {"15": rows([0.02, 0.03, 0.03, 0.03, 0.05]), "30": rows([0.10, 0.30, 0.31, 0.32, 0.33]),
                               "60": rows([0.30, 0.50, 0.52, 0.55, 0.56])},
               "curve_flow": {"15": rows([0.0, 0.0, 0.02, 0.03, 0.04]), "30": rows([0.05, 0.20, 0.30, 0.33, 0.34]),
                              "60": rows([0.05, 0.20, 0.40, 0.50, 0.55])}}
-    first = benchmark.first_budgets(curves, [15, 30, 60])
+    claims = benchmark.claims_by_budget(curves, [15, 30, 60])
+    first = {k: v["first"] for k, v in claims.items()}
     assert first["selfe@2 >= 2 x flow@2"] == "60"        # 0.30 < 2 x 0.20 at 30; 0.50 >= 0.40 at 60
     assert first["selfe@2 >= 0.9 x selfe@50"] == "30"    # 15 holds too, but Self-E draws nothing there (< 0.1)
     assert first["selfe@50 >= flow@50 - 0.02"] == "30"
     assert first["selfe@8 >= 0.6"] is None
+    assert claims["selfe@2 >= 2 x flow@2"]["at"] == {"15": None, "30": False, "60": True}
+    assert claims["selfe@50 >= flow@50 - 0.02"]["at"] == {"15": None, "30": True, "60": True}
 
 
 def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned():
