@@ -358,6 +358,7 @@ def main(argv=None):
               f"--out {args.out} --resume" if stop.signal else f"done: {step} steps in {elapsed / 60:.1f} min; "
               f"checkpoint {ckpt_path}; try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
     if ddp:
+        dist.barrier()  # leave together: a rank that tears down while rank 0 still writes can abort (gloo)
         dist.destroy_process_group()
     if stop.signal:  # saved, but not finished: exit 128 + signal number, so a driver (benchmark.py) resumes it
         raise SystemExit(128 + signal.Signals[stop.signal].value)
