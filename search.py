@@ -91,6 +91,12 @@ def get_args():
     return args
 
 
+def eval_cmd(run, out, per_task, n, steps):
+    """evaluate.py on a run's ckpt.pt, writing shapes_eval.json to out."""
+    return [sys.executable, "evaluate.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--out", out,
+            "--per-task", str(per_task), "--n", str(n), "--steps", *map(str, steps)]
+
+
 def run_one(name, args):
     """Train (or resume) then score one config; returns the Popen of a shell doing both (or of `true`, when
     the run is already trained and scored)."""
@@ -103,8 +109,7 @@ def run_one(name, args):
     else:
         train += ["--method", args.method, "--max-minutes", str(args.minutes), "--clock", "cpu",
                   "--sample-every", "0", *BASELINE, *CONFIGS[name]]
-    score = [sys.executable, "evaluate.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--out", out,
-             "--per-task", str(args.per_task), "--n", str(args.n), "--steps", *map(str, args.steps)]
+    score = eval_cmd(out, out, args.per_task, args.n, args.steps)
     cmd = " ".join(train) + " > " + os.path.join(out + ".log") + " 2>&1 && " + " ".join(score) + " >> " + \
         os.path.join(out + ".log") + " 2>&1"
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -119,8 +124,7 @@ def score_full(names, res, args):
         procs = []
         for name in todo[i:i + args.jobs]:
             run = os.path.join(args.out, "runs", name)
-            cmd = [sys.executable, "evaluate.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--out",
-                   os.path.join(run, "full"), "--per-task", "50", "--n", "4", "--steps", *map(str, args.steps)]
+            cmd = eval_cmd(run, os.path.join(run, "full"), 50, 4, args.steps)
             procs.append((name, run, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                                       stdout=subprocess.DEVNULL)))
         for name, run, p in procs:
