@@ -307,6 +307,7 @@ def main(argv=None):
     t_start = clock() - before
     budget = args.max_minutes * 60
     stop, skipped, log = StopRequest(), {}, Log(args, master, step)
+    first, t_wall = step, time.time()
     while step < args.max_steps:
         elapsed, stop_now = clock() - t_start, stop.signal is not None
         if ddp:  # every rank must agree on the time (LR, stopping) and on a stop request
@@ -343,6 +344,8 @@ def main(argv=None):
             o.zero_grad(set_to_none=True)
         models.ema_update(ema, raw, args.ema, step)
         step += 1
+        if master and step == first + 1:  # the first step pays for torch.compile's graph capture
+            print(f"first step: {time.time() - t_wall:.1f} s wall" + (" (includes torch.compile)" if args.compile else ""))
         log.step(step, parts, loss, lr, grad_norm, elapsed, skipped, ddp, device)
         if master and args.sample_every and step % args.sample_every == 0:
             write_grid(ema, tok, args, step, device)
@@ -357,6 +360,8 @@ def main(argv=None):
         print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. Continue with: python train.py "
               f"--out {args.out} --resume" if stop.signal else f"done: {step} steps in {elapsed / 60:.1f} min; "
               f"checkpoint {ckpt_path}; try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
+        if device_type == "cuda":
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated")
     if ddp:
         dist.barrier()  # leave together: a rank that tears down while rank 0 still writes can abort (gloo)
         dist.destroy_process_group()
