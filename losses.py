@@ -1,5 +1,6 @@
-"""Self-E's training objective: small pure functions in the paper's notation, then the two methods as objects
-(FlowMatching, the baseline, and SelfE), each with loss(net, x0, captions, progress) -> (loss, parts).
+"""Self-E's training objective: small pure functions in the paper's notation, then the methods as objects
+(FlowMatching, the baseline; SelfE; MeanFlow, the native few-step baseline), each with
+loss(net, x0, captions, progress) -> (loss, parts).
 
 Convention (the whole project's; paper Sec. 3): x_t = alpha_t x0 + sigma_t eps, alpha_t = 1 - t,
 sigma_t = t. t = 0 is data, t = 1 is noise. The network has two time inputs: the current time t and a
@@ -16,6 +17,7 @@ One training step (SelfE.step_loss):
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import G
 
@@ -140,9 +142,10 @@ class FlowMatching:
         self.gen, self.device = generator, device
         self.null_ids = tok([""]).to(device)                                  # (1, L): the empty prompt phi
 
-    def target_times(self, t, progress):
-        """s and the indices that jump (s < t): none for flow matching."""
-        return t, torch.zeros(0, dtype=torch.long)
+    def times(self, batch, progress):
+        """(t, s, jump): the current and target times (B,) and the indices that jump (s < t): none here."""
+        t = sample_t(batch, self.mu, self.gen)
+        return t, t, torch.zeros(0, dtype=torch.long)
 
     def draw(self, x0, captions, progress):
         """The batch's random draws, always in this order: caption dropout, t, s, eps, eps'. (Flow matching
@@ -150,8 +153,7 @@ class FlowMatching:
         B = x0.shape[0]
         drop = torch.rand(B, generator=self.gen) < self.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]   # dropped: the null prompt
-        t = sample_t(B, self.mu, self.gen)
-        s, jump = self.target_times(t, progress)
+        t, s, jump = self.times(B, progress)
         eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
         eps2 = torch.randn(x0.shape, generator=self.gen).to(self.device)
         to = lambda v: v.to(self.device)
@@ -190,8 +192,9 @@ class SelfE(FlowMatching):
         self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
         self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
 
-    def target_times(self, t, progress):
-        return sample_s(t, tau_schedule(progress, self.tau_anneal), self.gen)
+    def times(self, batch, progress):
+        t = sample_t(batch, self.mu, self.gen)
+        return (t, *sample_s(t, tau_schedule(progress, self.tau_anneal), self.gen))
 
     def loss(self, net, x0, captions, progress):
         captions, ids, t, s, jump, eps, eps2 = self.draw(x0, captions, progress)
@@ -259,3 +262,88 @@ class SelfE(FlowMatching):
         for b, v in enumerate(bin_losses(t[jump], (w * data_l)[jump])):  # the jumping half alone
             parts[f"jump_t{b}"] = v
         return total, parts, landing
+
+
+# -----------------------------------------------------------------------------
+# MeanFlow (Geng et al., arXiv 2505.13447): the native few-step baseline of the paper's Table 2 comparison.
+# Its average velocity u(z_t, r, t) is the network's V(x_t, t, s = r, c), so one sampler step x_s = x_t - (t - s) V
+# (Eq. 22 with s_k = t_{k+1}, eta = 0) is MeanFlow's one-step map z_r = z_t - (t - r) u (MeanFlow Eq. 3).
+# Equation numbers in this part are MeanFlow's.
+
+def meanflow_times(batch, jumps, generator=None, mean=-0.4, std=1.0, t_min=1e-3, t_max=1 - 1e-3):
+    """(t, r, jump): two logit-normal(mean, std) draws, sorted so that r <= t (MeanFlow Sec. 4.3); r = t except
+    on `jumps` random samples (a fixed count keeps shapes static: MeanFlow's 25% of the batch with r != t).
+    t is clamped away from 0 and 1 as elsewhere (ours); r may reach 0, the one-step jump."""
+    a = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
+    b = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
+    t = torch.maximum(a, b).clamp(t_min, t_max)
+    jump = torch.randperm(batch, generator=generator)[:jumps]
+    r = t.clone()
+    r[jump] = torch.minimum(torch.minimum(a, b)[jump], t[jump])
+    return t, r, jump
+
+
+def meanflow_dudt(net, x_t, t, r, ids, v):
+    """du/dt = v d_z u + d_t u along the flow (MeanFlow Eq. 8), by one forward-mode JVP of u(z, r, t) = V(z, t, r, c)
+    with tangents (v, 0, 1) in (z, r, t). Returns (u, du/dt), no gradient. The math attention kernel: the fused
+    CPU and GPU kernels have no forward-mode derivative."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(lambda z, tt: net(z, tt, r, ids), (x_t, t), (v, torch.ones_like(t)))
+
+
+def meanflow_target(v, t, r, dudt):
+    """u_tgt = v - (t - r) du/dt, the MeanFlow identity (Eq. 10); u_tgt = v where r = t (flow matching)."""
+    return v - bcast(t - r) * dudt
+
+
+def adaptive_weight(err, p=1.0, c=1e-3):
+    """sg[1 / (||Delta||^2 + c)^p] for the per-sample squared error ||Delta||^2 (MeanFlow Sec. 4.3, p = 1)."""
+    return 1 / (stopgrad(err) + c) ** p
+
+
+class MeanFlow(FlowMatching):
+    """MeanFlow on the project's network: regress V(x_t, t, r, c) onto sg[u_tgt] (Eqs. 9-10) with the adaptive
+    weight; a quarter of the batch has r < t (the JVP runs on that quarter only: where r = t, u_tgt = v).
+
+    jvp_net: the plain module for the JVP (torch.func cannot differentiate through DDP or a compiled module in
+    forward mode; the target needs no gradient, so the gradient pass still goes through the DDP-wrapped `net`).
+    omega: guidance folded into the target (Eq. 19 with kappa = 0): the velocity v = eps - x0 of a captioned
+    sample is replaced by omega v + (1 - omega) u(x_t, t, t, phi), the live net's unconditional prediction;
+    1 = no guidance (the default); sampling then uses omega 1. p: the adaptive weight's power (0: plain L2)."""
+
+    def __init__(self, tok, mu, jvp_net, caption_dropout=0.1, omega=1.0, jump_share=0.25, p=1.0, generator=None,
+                 device="cpu"):
+        super().__init__(tok, mu, caption_dropout, generator, device)
+        self.jvp_net, self.omega, self.jump_share, self.p = jvp_net, omega, jump_share, p
+
+    def times(self, batch, progress):
+        return meanflow_times(batch, round(self.jump_share * batch), self.gen)
+
+    def step_loss(self, net, x0, ids, t, s, jump, eps, eps2=None, fake_ids=None):
+        """s plays r. Returns (loss, parts, None); parts: data = ||u - v||^2 per pixel where r = t (flow
+        matching's data term), jump = ||u - u_tgt||^2 per pixel where r < t, dudt = RMS of du/dt there."""
+        x_t = add_noise(x0, eps, t)
+        v = eps - x0                                                       # dz/dt of x_t = (1 - t) x0 + t eps
+        has_caption = (ids != 0).any(1)
+        if self.omega != 1.0:                                              # Eq. 19 (kappa = 0), captioned only
+            with torch.no_grad():
+                u_phi = self.jvp_net(x_t, t, t, self.null_ids.expand(len(t), -1))
+            v = torch.where(bcast(has_caption), self.omega * v + (1 - self.omega) * u_phi, v)
+        u_tgt = v.clone()
+        if len(jump) > 0:
+            _, dudt = meanflow_dudt(self.jvp_net, x_t[jump], t[jump], s[jump], ids[jump], v[jump])
+            u_tgt[jump] = meanflow_target(v[jump], t[jump], s[jump], dudt)  # Eq. 10
+        u = net(x_t, t, s, ids)                                            # u(z_t, r, t): the pass with gradient
+        err = (u - stopgrad(u_tgt)).pow(2).flatten(1).sum(1)               # ||u - sg[u_tgt]||^2 (Eq. 9)
+        total = (adaptive_weight(err, self.p) * err).mean()
+        mse = err / x0[0].numel()
+        flat = torch.ones_like(t, dtype=torch.bool)
+        flat[jump] = False
+        parts = dict(data=mse[flat].mean().item(), self=0.0, fake=0.0,
+                     jump=mse[jump].mean().item() if len(jump) else 0.0,
+                     dudt=dudt.pow(2).mean().sqrt().item() if len(jump) else 0.0)
+        for b, val in enumerate(bin_losses(t[flat], mse[flat])):
+            parts[f"data_t{b}"] = val
+        for b, val in enumerate(bin_losses(t[jump], mse[jump])):
+            parts[f"jump_t{b}"] = val
+        return total, parts, None

@@ -45,9 +45,9 @@ LEGACY = {"tiny": dict(patch=4)}
 
 def sinusoid(t, dim=256, scale=1000.0):
     """(B,) times in [0, 1] -> (B, dim) sinusoidal features of scale * t (DiT's timestep embedding)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = scale * t.float()[:, None] * freqs[None]
+    half, dtype = dim // 2, torch.float64 if t.dtype == torch.float64 else torch.float32  # fp32 at least
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -68,13 +68,13 @@ def modulate(x, shift, scale):
 class TimeMLP(nn.Module):
     """sinusoid features -> (B, D) embedding."""
 
-    def __init__(self, dim, freq_dim=256):
+    def __init__(self, dim, freq_dim=256, scale=1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(sinusoid(t, self.freq_dim))
+        return self.mlp(sinusoid(t, self.freq_dim, self.scale))
 
 
 class Attention(nn.Module):
@@ -169,7 +169,8 @@ class DiT(nn.Module):
     """Text-to-image DiT with two time inputs: V(x_t, t, s, c)."""
 
     def __init__(self, vocab_size, max_text_len=24, image_size=32, channels=3,
-                 dim=128, depth=4, heads=4, patch=4, text_layers=2, prediction="x", conv_head=0, qk_norm=False):
+                 dim=128, depth=4, heads=4, patch=4, text_layers=2, prediction="x", conv_head=0, qk_norm=False,
+                 time_scale=1000.0):
         super().__init__()
         assert prediction in ("x", "v"), prediction
         self.prediction = prediction
@@ -177,8 +178,10 @@ class DiT(nn.Module):
         self.patch, self.channels, self.grid = patch, channels, image_size // patch
         self.x_embed = nn.Linear(patch * patch * channels, dim)
         self.register_buffer("pos", sincos_2d(dim, self.grid)[None], persistent=False)  # (1, T, D)
-        self.t_embed = TimeMLP(dim)  # MLP_t(sinusoid(t))
-        self.s_embed = TimeMLP(dim)  # MLP_s(sinusoid(t - s))   (paper S.2)
+        # time_scale: features of sin(scale * t); DiT's 1000 by default. d/dt of the features grows with the scale,
+        # which matters to a method that differentiates the network in t (MeanFlow's JVP, losses.py)
+        self.t_embed = TimeMLP(dim, scale=time_scale)  # MLP_t(sinusoid(t))
+        self.s_embed = TimeMLP(dim, scale=time_scale)  # MLP_s(sinusoid(t - s))   (paper S.2)
         self.text = TextEncoder(vocab_size, max_text_len, dim, heads, text_layers)
         self.text_proj = nn.Linear(dim, dim)  # pooled text -> added to the time embedding
         self.blocks = nn.ModuleList([DiTBlock(dim, heads, qk_norm) for _ in range(depth)])

@@ -51,14 +51,11 @@ def load(path):
 
 
 def sampling_defaults(cfg, omega=None, eta=None, s_mode=None):
-    """Guidance scale omega, noise eta and target time s_k: explicit values, else the run's, else the
-    benchmark's best (Self-E is best without extra guidance, its training already follows the classifier
-    score, and with the paper's stochastic update, eta = 1; flow matching at 1-2 steps is best with
-    omega = 2 and samples deterministically). The flow baseline never saw s != t: it samples with s_k = t_k."""
-    flow = cfg["method"] == "flow"
-    return dict(omega=omega if omega is not None else (cfg.get("cfg") or (2.0 if flow else 1.0)),
-                eta=eta if eta is not None else (0.0 if flow else 1.0),
-                s_mode=s_mode or ("same" if flow else "next"))
+    """Guidance scale omega, noise eta and target time s_k: explicit values, else the run's stored --cfg, else the
+    method's default (sampler.DEFAULTS)."""
+    d = sampler.DEFAULTS[cfg["method"]]
+    return dict(omega=omega if omega is not None else (cfg.get("cfg") or d["omega"]),
+                eta=eta if eta is not None else d["eta"], s_mode=s_mode or d["s_mode"])
 
 
 def make_generate(net, tok, cfg, omega=None, eta=None, s_mode=None, device="cpu"):

@@ -13,6 +13,16 @@ import torch
 from losses import alpha, bcast, shift, sigma
 
 
+# Each method's default sampler, the one place they live (sample.sampling_defaults reads them):
+# Self-E: s_k = t_{k+1} and the paper's stochastic update (eta 1), no extra guidance (its training follows the
+# classifier score already; bench/abl15's sweep); flow matching never saw s != t, so s_k = t_k, deterministic,
+# omega 2 (best at 1-2 steps in the sweep); MeanFlow: its one-step map z_r = z_t - (t - r) u, i.e. s_k = t_{k+1},
+# eta 0, no guidance (MeanFlow folds guidance into training instead, losses.MeanFlow).
+DEFAULTS = {"selfe": dict(omega=1.0, eta=1.0, s_mode="next"),
+            "flow": dict(omega=2.0, eta=0.0, s_mode="same"),
+            "meanflow": dict(omega=1.0, eta=0.0, s_mode="next")}
+
+
 def schedule(steps, mu):
     """t_0 = 1 > ... > t_steps = 0: linear, warped by the resolution shift. (steps + 1,)"""
     return shift(torch.linspace(1, 0, steps + 1), mu)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import losses
 from model import TimeMLP, ema_update
-from sampler import sample
+from sampler import DEFAULTS, sample
 
 LABELS = 3
 MODES = torch.tensor([[math.cos(a), math.sin(a)] for a in torch.arange(6) * math.pi / 3])  # (6, 2)
@@ -90,9 +90,9 @@ def train(method, steps=1500, B=256, seed=0, lr=2e-3):
 def generate(net, method, steps, n=200, seed=123):
     """n samples per label at this step count: (points (LABELS * n, 2), labels (LABELS * n,))."""
     labels = torch.arange(1, LABELS + 1).repeat_interleave(n)
-    flow = method == "flow"  # each method's default sampler (sample.sampling_defaults), without guidance
+    d = DEFAULTS[method]  # each method's default sampler, without guidance
     x = sample(net, labels.view(-1, 1), torch.zeros(1, 1, dtype=torch.long), steps, 0.0, (2, 1, 1),
-               eta=0.0 if flow else 1.0, s_mode="same" if flow else "next", generator=torch.Generator().manual_seed(seed))
+               eta=d["eta"], s_mode=d["s_mode"], generator=torch.Generator().manual_seed(seed))
     return x.flatten(1), labels
 
 

@@ -59,7 +59,7 @@ def check_args(p, args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder (default runs/<dataset>, runs/<dataset>-flow for flow)")
+    g.add_argument("--out", default=None, help="run folder (default runs/<dataset> for selfe, runs/<dataset>-<method> otherwise)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=200_000)
@@ -88,14 +88,20 @@ def get_args(argv=None):
     g.add_argument("--patch", type=int, default=None, help="override the size's patch size")
     g.add_argument("--conv-head", type=int, default=None, help="k > 0: k features per pixel, then a 3x3 conv")
     g.add_argument("--qk-norm", default=None, action=argparse.BooleanOptionalAction, help="RMSNorm on q and k")
+    g.add_argument("--time-scale", type=float, default=None,
+                   help="time features sin(scale * t) (default 1000 as DiT; 10 for meanflow, whose JVP "
+                        "differentiates them in t)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="selfe", choices=["selfe", "flow"])
+    g.add_argument("--method", default="selfe", choices=["selfe", "flow", "meanflow"],
+                   help="selfe (the paper), flow (flow matching), meanflow (the native few-step baseline)")
     g.add_argument("--tau-anneal", type=float, default=0.4,
                    help="fraction of training over which tau goes 0 -> 1 (paper: 300k of 710k)")
     g.add_argument("--no-energy-preserving", action="store_true", help="ablation: plain Eq. 16 instead of Eq. 20")
     g.add_argument("--fake-start", type=float, default=None,
                    help="switch the fake-score term on at this fraction of training (paper: 0.775); off if unset")
     g.add_argument("--mu", type=float, default=None, help="time shift (default from the image token count)")
+    g.add_argument("--meanflow-cfg", type=float, default=1.0,
+                   help="meanflow: guidance omega folded into the target (MeanFlow Eq. 19; 1 = none)")
     g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
                    help="weights of the conditional self-evaluation pass (paper S.2: the EMA's)")
     g = p.add_argument_group("optimisation")
@@ -120,7 +126,9 @@ def get_args(argv=None):
                    help="guidance scale omega stored for sampling (default 1.0 for selfe, 2.0 for flow)")
     args = p.parse_args(argv)
     args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
-    overrides = {k: getattr(args, k) for k in ("dim", "depth", "heads", "patch", "conv_head", "qk_norm")
+    if args.time_scale is None and args.method == "meanflow":
+        args.time_scale = 10.0
+    overrides = {k: getattr(args, k) for k in ("dim", "depth", "heads", "patch", "conv_head", "qk_norm", "time_scale")
                  if getattr(args, k) is not None}
     args.arch = {**models.MODELS[args.model], **overrides}  # the whole network, kept in the checkpoint's config
     check_args(p, args)
@@ -129,7 +137,7 @@ def get_args(argv=None):
     args.max_text_len = args.max_text_len or (16 if args.dataset == "shapes" else 32)
     if args.max_minutes is None:
         args.max_minutes = 15.0 if args.dataset == "shapes" else 0.0
-    args.out = args.out or f"runs/{args.dataset}" + ("-flow" if args.method == "flow" else "")
+    args.out = args.out or f"runs/{args.dataset}" + ("" if args.method == "selfe" else f"-{args.method}")
     return args
 
 
@@ -251,6 +259,9 @@ def make_method(args, tok, raw, ema, gen, device, ddp, local):
         if ddp else live
     if args.method == "flow":
         return losses.FlowMatching(tok, mu, args.caption_dropout, gen, device), net
+    if args.method == "meanflow":  # the JVP runs on the plain module (not compiled, not DDP-wrapped)
+        return losses.MeanFlow(tok, mu, raw, args.caption_dropout, args.meanflow_cfg, generator=gen,
+                               device=device), net
     ema_eval = torch.compile(ema) if args.compile else ema
     evaluator = ema_eval if args.evaluator == "ema" else live
     return losses.SelfE(tok, mu, evaluator, live, args.caption_dropout, args.tau_anneal,
