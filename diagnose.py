@@ -1,6 +1,12 @@
-"""Why do Self-E's few-step samples stall? Measure what the jumping half of a batch learns from, per time t.
+"""Why do Self-E's few-step samples stall? Two studies of one checkpoint.
 
-    python diagnose.py --ckpt runs/shapes/ckpt.pt          # a Self-E run's checkpoint (live and EMA weights)
+    python diagnose.py --ckpt runs/shapes/ckpt.pt              # what the jumps learn from, per time t
+    python diagnose.py --ckpt runs/shapes/ckpt.pt --fewstep    # where the 1- and 2-step samples go wrong
+
+Exported weights (checkpoints/shapes_tiny_selfe.pt) hold the EMA only: the first study then uses the EMA for
+the live weights too, so its lag between live and EMA weights reads 0 (it says so).
+
+The first study:
 
 On a fixed batch of shapes images, for each t (and a jump to s = t / 2, the middle of U(0, t)), it reports:
   data      ||G(x_t, t, t, c) - x0||^2 (no jump) and ||G(x_t, t, s, c) - x0||^2 (the jump), per pixel
@@ -11,6 +17,15 @@ On a fixed batch of shapes images, for each t (and a jump to s = t / 2, the midd
             into the classifier part of one set of weights, G_phi - G_c, and the lag between live and EMA
             weights, G_phi(live) - G_phi(EMA); cos = cosine between Delta and the EMA's classifier part.
 Writes <ckpt folder>/diagnose.json.
+
+--fewstep (ShapesEval on the evaluation prompts, per task; writes <out>/fewstep.json):
+  s_sweep    1-step scores with the sampler's s in 0 ... 1 (paper Fig. S.4: s = 0.5 at one step)
+  two_step   the 2-step sample, against its first jump finished by 50 flow-matching-style steps (s_k = t_k,
+             eta 0) of the same model: if that finish scores as low, the composition was lost in the first jump
+  one_step   on 10 prompts per task x 8 noises: the per-pixel distance of the 1-step sample from the prompt's
+             conditional mean E[x0 | c] (256 ground-truth renders averaged) and from the nearest of those
+             renders, and how much the sample moves with the input noise (std over the 8 noises), against
+             the data's own spread around E[x0 | c]; the same for 50 steps, and for s = 0.5 and s = 1.
 """
 import argparse
 import json
@@ -19,8 +34,11 @@ import os
 import torch
 
 import data
+import evaluate
 import losses
 import model as models
+import sample
+import sampler
 from model import G
 
 TIMES = [0.2, 0.4, 0.6, 0.8, 0.95, 0.999]
@@ -34,7 +52,7 @@ def rms(x):
 def diagnose(ckpt, n=256, seed=99):
     cfg = ckpt["config"]
     tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
-    live = models.from_checkpoint(ckpt, tok.vocab_size, "model")
+    live = models.from_checkpoint(ckpt, tok.vocab_size, "model" if "model" in ckpt else "ema")
     ema = models.from_checkpoint(ckpt, tok.vocab_size, "ema")
     x0, captions = data.shapes_batch(seed, 0, n, cfg["image_size"])
     ids, null = tok(captions), tok([""]).expand(n, -1)
@@ -62,19 +80,94 @@ def diagnose(ckpt, n=256, seed=99):
     return rows
 
 
+@torch.no_grad()
+def fewstep(ckpt, per_task=50, n=4, seed=0):
+    """Where the few-step samples go wrong (see the docstring): dict(s_sweep, two_step, one_step)."""
+    cfg = ckpt["config"]
+    tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
+    net = models.from_checkpoint(ckpt, tok.vocab_size)
+    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+    opts = sample.sampling_defaults(cfg)
+    shape = (3, cfg["image_size"], cfg["image_size"])
+    out = dict(sampler=opts)
+
+    gen = lambda **o: sample.make_generate(net, tok, cfg, **o)
+    out["s_sweep"] = {str(a): evaluate.evaluate(gen(s_mode=a), [1], per_task, n, seed=seed)["1"]
+                      for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
+
+    def first_jump_then_50(prompts, steps):  # steps is 2: the sampler's first step, then 50 flow-style steps
+        ids = tok(prompts)
+        t1 = sampler.schedule(2, mu)[1].item()
+        x = sampler.sample(net, ids, tok([""]), 1, mu, shape, ts=[1.0, t1], **opts)        # x_{t_1}
+        return sampler.sample(net, ids, tok([""]), 50, mu, shape, omega=opts["omega"], eta=0.0, s_mode="same",
+                              x=x, ts=torch.linspace(t1, 0, 51).tolist())
+    out["two_step"] = dict(two_steps=evaluate.evaluate(gen(), [2], per_task, n, seed=seed)["2"],
+                           first_jump_then_50=evaluate.evaluate(first_jump_then_50, [2], per_task, n, seed=seed)["2"])
+
+    # the 1-step sample against the conditional mean and the data, 10 prompts per task, 8 noises each
+    prompts = evaluate.eval_prompts(10)
+    K, R = 8, 256
+    refs = torch.from_numpy(evaluate.reference_images(prompts, R, cfg["image_size"])).float() / 127.5 - 1
+    refs = refs.permute(0, 3, 1, 2).reshape(len(prompts), R, *shape)                 # (P, R, C, H, W)
+    mean = refs.mean(1)                                                             # E[x0 | c]: (P, C, H, W)
+    data_spread = (refs - mean[:, None]).pow(2).mean().sqrt().item()
+    captions = [c for c, _ in prompts for _ in range(K)]
+    rows = {}
+    for name, steps, s_mode in (("1 step", 1, opts["s_mode"]), ("1 step, s = 0.5", 1, 0.5),
+                                ("1 step, s = 1", 1, 1.0), ("50 steps", 50, opts["s_mode"])):
+        torch.manual_seed(seed)
+        x = gen(s_mode=s_mode)(captions, steps).clamp(-1, 1).view(len(prompts), K, *shape)
+        nearest = torch.stack([torch.cdist(x[p].flatten(1), refs[p].flatten(1)).min(1).values
+                               for p in range(len(prompts))]).pow(2) / x[0, 0].numel()
+        rows[name] = dict(to_mean=(x - mean[:, None]).pow(2).mean().sqrt().item(),
+                          to_nearest_render=nearest.mean().sqrt().item(),
+                          noise_std=x.std(1).mean().item())
+    out["one_step"] = dict(data_spread=data_spread, data_noise_std=refs.std(1).mean().item(), rows=rows)
+    return out
+
+
+def print_fewstep(res):
+    tasks = list(data.TASKS) + ["overall"]
+    print("1 step, sampler's s | " + " | ".join(tasks))
+    for a, r in res["s_sweep"].items():
+        print(f"s = {a} | " + " | ".join(f"{r[k]:.3f}" for k in tasks))
+    print("2 steps | " + " | ".join(tasks))
+    for name, r in res["two_step"].items():
+        print(f"{name} | " + " | ".join(f"{r[k]:.3f}" for k in tasks))
+    o = res["one_step"]
+    print(f"data: RMS spread around E[x0|c] {o['data_spread']:.3f}, std over renders {o['data_noise_std']:.3f}")
+    for name, r in o["rows"].items():
+        print(f"{name}: RMS to E[x0|c] {r['to_mean']:.3f}, to the nearest render {r['to_nearest_render']:.3f}, "
+              f"std over noises {r['noise_std']:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
+    p.add_argument("--fewstep", action="store_true", help="the few-step study instead (see above)")
+    p.add_argument("--per-task", type=int, default=50, help="--fewstep: ShapesEval prompts per task")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
     args = p.parse_args()
     ckpt = models.load_checkpoint(args.ckpt)
     if ckpt["config"].get("dataset") != "shapes":
         p.error("diagnose.py measures on shapes images: give a checkpoint trained with --dataset shapes")
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    os.makedirs(out_dir, exist_ok=True)
+    if args.fewstep:
+        res = fewstep(ckpt, args.per_task)
+        print_fewstep(res)
+        out = os.path.join(out_dir, "fewstep.json")
+        json.dump(dict(ckpt=args.ckpt, step=ckpt["step"], **res), open(out, "w"), indent=1)
+        print(f"step {ckpt['step']}; wrote {out}")
+        return
+    if "model" not in ckpt:
+        print(f"{args.ckpt} holds the EMA weights only: the live weights are taken to be the EMA, so lag reads 0")
     rows = diagnose(ckpt)
     cols = list(next(iter(rows.values())))
     print("| t | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for t, r in rows.items():
         print(f"| {t} | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |")
-    out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "diagnose.json")
+    out = os.path.join(out_dir, "diagnose.json")
     json.dump(dict(step=ckpt["step"], rows=rows), open(out, "w"), indent=1)
     print(f"step {ckpt['step']}; wrote {out}")
 

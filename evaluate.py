@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import data
+import sample
 
 EVAL_SEED = 2_000_003        # the prompt set; training streams use small seeds and never this one
 REFERENCE_SEED = 3_000_017   # ground-truth renders of the prompts (a second seed gives the floor)
@@ -262,7 +263,8 @@ def main():
     p.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale omega (default: the checkpoint's)")
     p.add_argument("--eta", type=float, default=None, help="sampler noise 0..1 (default: the checkpoint's)")
-    p.add_argument("--s-mode", default=None, choices=["next", "same", "mid"], help="target time s_k")
+    p.add_argument("--s-mode", default=None, type=sample.s_mode_arg,
+                   help="target time s_k: next (t_{k+1}), same (t_k), mid, or a in [0, 1]: t_{k+1} + a (t_k - t_{k+1})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder, or eval/)")
     args = p.parse_args()
@@ -274,7 +276,6 @@ def main():
     os.makedirs(out, exist_ok=True)
     rows, size = {}, IMAGE_SIZE
     if args.ckpt:
-        import sample
         model, tok, cfg = sample.load(args.ckpt)
         if cfg.get("dataset", "shapes") != "shapes" or cfg["image_size"] != IMAGE_SIZE:
             p.error(f"{args.ckpt} makes {cfg['image_size']} px images of {cfg.get('dataset')!r}; ShapesEval scores "

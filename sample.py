@@ -55,7 +55,20 @@ def sampling_defaults(cfg, omega=None, eta=None, s_mode=None):
     method's default (sampler.DEFAULTS)."""
     d = sampler.DEFAULTS[cfg["method"]]
     return dict(omega=omega if omega is not None else (cfg.get("cfg") or d["omega"]),
-                eta=eta if eta is not None else d["eta"], s_mode=s_mode or d["s_mode"])
+                eta=eta if eta is not None else d["eta"], s_mode=s_mode if s_mode is not None else d["s_mode"])
+
+
+def s_mode_arg(v):
+    """--s-mode: next, same, mid, or a number a in [0, 1] (sampler.target_time)."""
+    if v in ("next", "same", "mid"):
+        return v
+    try:
+        a = float(v)
+    except ValueError:
+        a = -1.0
+    if not 0 <= a <= 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: use next, same, mid or a number in [0, 1]")
+    return a
 
 
 def make_generate(net, tok, cfg, omega=None, eta=None, s_mode=None, device="cpu"):
@@ -133,7 +146,8 @@ def main():
     p.add_argument("--n", type=int, default=2, help="images per prompt")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale omega (1 = none; paper: 5)")
     p.add_argument("--eta", type=float, default=None, help="0: deterministic (Eq. 22), 1: DDIM-style noise")
-    p.add_argument("--s-mode", default=None, choices=["next", "same", "mid"], help="target time s_k")
+    p.add_argument("--s-mode", default=None, type=s_mode_arg,
+                   help="target time s_k: next (t_{k+1}), same (t_k), mid, or a in [0, 1]: t_{k+1} + a (t_k - t_{k+1})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png",
                    help="a .png/.jpg file for the grid, or a folder: the grid plus one PNG per image")

@@ -29,8 +29,10 @@ def schedule(steps, mu):
 
 
 def target_time(t, t_next, s_mode):
-    """s_k: 'next' = t_{k+1} (default, best at few steps), 'same' = t_k (plain flow matching), 'mid'."""
-    return {"next": t_next, "same": t, "mid": (t + t_next) / 2}[s_mode]
+    """s_k: 'next' = t_{k+1} (default, best at few steps), 'same' = t_k (plain flow matching), 'mid', or a number
+    a in [0, 1]: s_k = t_{k+1} + a (t_k - t_{k+1}) (one step: s = a; the paper's Fig. S.4 takes 0.5)."""
+    a = {"next": 0.0, "same": 1.0, "mid": 0.5}[s_mode] if isinstance(s_mode, str) else float(s_mode)
+    return t_next + a * (t - t_next)
 
 
 def ep_cfg(v_c, v_u, omega):
@@ -42,12 +44,14 @@ def ep_cfg(v_c, v_u, omega):
 
 @torch.no_grad()
 def sample(model, ids, null_ids, steps, mu, shape, omega=1.0, eta=0.0, s_mode="next", generator=None,
-           device="cpu"):
-    """Generate len(ids) images of `shape` (C, H, W) from noise in `steps` steps. Returns (B, C, H, W) in ~[-1, 1]."""
+           device="cpu", x=None, ts=None):
+    """Generate len(ids) images of `shape` (C, H, W) from noise in `steps` steps. Returns (B, C, H, W) in ~[-1, 1].
+    x, ts: start from x at time ts[0] and follow the times ts instead (diagnose.py finishes half-made samples)."""
     B = ids.shape[0]
-    x = torch.randn(B, *shape, generator=generator).to(device)                  # x_{t_0} = x_1: pure noise
+    if x is None:
+        x = torch.randn(B, *shape, generator=generator).to(device)              # x_{t_0} = x_1: pure noise
     ids, null = ids.to(device), null_ids.to(device).expand(B, -1)
-    ts = schedule(steps, mu).tolist()
+    ts = schedule(steps, mu).tolist() if ts is None else list(ts)
     for t, t_next in zip(ts[:-1], ts[1:]):
         s = target_time(t, t_next, s_mode)
         tb, sb = torch.full((B,), t, device=device), torch.full((B,), s, device=device)
