@@ -183,13 +183,19 @@ class SelfE(FlowMatching):
     tau_anneal: fraction of training over which the longest jump grows to the full [0, t].
     fake_start: None, or the fraction of training from which the auxiliary fake-score term is on
     (appendix S.1.2): the prompt c_fake = "fake image " + caption, and a quarter of the batch's landings
-    (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8)."""
+    (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8); k as in Eq. s.6.
+    Beyond the paper (ours, off by default; bench/fewstep measures them):
+    lambda_max: caps lambda_{s,t}, so the data x0 keeps a share >= 1 / (1 + lambda_max) of the target near t = 1;
+    consistency: this share of the jumps regresses on MeanFlow's target (Eq. 10 of 2505.13447) instead of
+    self-evaluation (jvp_net: the plain module for its JVP)."""
 
     def __init__(self, tok, mu, evaluator, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
-                 fake_start=None, k=0.9, generator=None, device="cpu"):
+                 fake_start=None, k=0.9, generator=None, device="cpu", lambda_max=None, consistency=0.0,
+                 jvp_net=None):
         super().__init__(tok, mu, caption_dropout, generator, device)
         self.evaluator, self.live, self.tau_anneal = evaluator, live, tau_anneal
         self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
+        self.lambda_max, self.consistency, self.jvp_net = lambda_max, consistency, jvp_net
         self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
 
     def times(self, batch, progress):
@@ -214,54 +220,80 @@ class SelfE(FlowMatching):
         x0 (B, C, H, W) data, ids (B, L) prompts (all zeros where the caption was dropped), t, s (B,),
         jump: indices with s < t, eps, eps2: noise for x_t and for re-noising the landing point,
         fake_ids: None, or (B, L) prompts c_fake (the fake-score term is on; self.rider then rides along).
-        Returns (total, parts, landing): parts = dict of floats (data, self, fake, per-time-bin losses);
-        landing = dict(x, s, x0_hat) of this step's re-noised landing points (for the fake branch)."""
+        Returns (total, parts, landing): total = target + fake, the loss minimised; parts = its two terms and
+        diagnostics (see `diagnostics`); landing = this step's re-noised landing points, for the fake branch."""
         B = x0.shape[0]
         x_t = add_noise(x0, eps, t)
         rider = self.rider if fake_ids is not None else None
         inputs = (x_t, t, s, ids)
         if rider is not None:  # the fake branch rides in the same batch: G(sg[x_s_hat], s, s, c_fake)
-            inputs = (torch.cat([x_t, rider["x"]]), torch.cat([t, rider["s"]]), torch.cat([s, rider["s"]]),
-                      torch.cat([ids, rider["ids"]]))
-        out = G(net, *inputs)                         # one pass with gradient
-        x0_hat = out[:B]                              # G(x_t, t, s, c)
+            inputs = tuple(torch.cat([a, rider[k]]) for a, k in zip(inputs, ("x", "s", "s", "ids")))
+        out = G(net, *inputs)                                             # the one pass with gradient
+        x0_hat = out[:B]                                                  # G(x_t, t, s, c)
 
-        # self-evaluation of the jumps (s < t), without gradient              Eqs. 8-15
-        lam = torch.zeros_like(t)
-        x_self = stopgrad(x0_hat).clone()
-        landing = None
-        if len(jump) > 0:
-            tj, sj = t[jump], s[jump]
-            x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)   # alpha_s sg[x0_hat] + sigma_s eps'
-            with torch.no_grad():
-                G_c = G(self.evaluator, x_s_hat, sj, sj, ids[jump])                           # conditional: EMA
-                G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1))    # unconditional: live
-                G_fake = G(self.live, x_s_hat, sj, sj, fake_ids[jump]) if fake_ids is not None else None
-            delta = self_eval_direction(G_phi, G_c, G_fake, self.k)       # Eq. 14 (Eq. s.6 with the fake term)
-            has_caption = (ids[jump] != 0).any(1)
-            delta = delta * bcast(has_caption.float())                   # dropped caption: no self-evaluation
-            x_self[jump] = self_eval_target(x0_hat[jump], delta)          # Eq. 14
-            lam[jump] = lambda_st(sj, tj) * has_caption.float()           # Eq. 17 (0 where s = t)
-            landing = dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]))
-
-        w = time_weight(t)
-        data_l = per_sample_mse(x0_hat, x0)                               # Eq. 7
-        self_l = lam * per_sample_mse(x0_hat, x_self)                     # Eq. 16, second term
+        x_self, lam, landing = self.self_evaluate(x0_hat, ids, t, s, jump, eps2, fake_ids)   # Eqs. 8-15, 17
         if self.energy_preserving:
             per_sample = per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))  # Eq. 20
         else:
-            per_sample = data_l + self_l                                  # Eq. 16
-        total = (w * per_sample).mean()                                   # Eq. 21
-        parts = dict(data=(w * data_l).mean().item(), self=(w * self_l).mean().item(), fake=0.0)
-        if rider is not None:  # L_fake = ||G(sg[x_s_hat], s, s, c_fake) - sg[x0_hat]||^2 (Eq. s.8), weighted w_s
-            fake_l = time_weight(rider["s"]) * per_sample_mse(out[B:], rider["x0_hat"])
-            total = total + fake_l.sum() / B
-            parts["fake"] = fake_l.mean().item()
-        for b, v in enumerate(bin_losses(t, w * data_l)):
-            parts[f"data_t{b}"] = v
-        for b, v in enumerate(bin_losses(t[jump], (w * data_l)[jump])):  # the jumping half alone
-            parts[f"jump_t{b}"] = v
-        return total, parts, landing
+            per_sample = per_sample_mse(x0_hat, x0) + lam * per_sample_mse(x0_hat, x_self)  # Eq. 16
+        if self.consistency > 0:
+            per_sample = self.consistency_override(per_sample, x0_hat, x0, x_t, ids, t, s, jump, eps)
+        w = time_weight(t)
+        target = (w * per_sample).mean()                                  # Eq. 21
+        fake = self.fake_loss(out[B:], rider, B) if rider is not None else torch.zeros((), device=x0.device)
+        parts = dict(target=target.item(), fake=fake.item(), **self.diagnostics(x0_hat, x0, x_self, lam, w, t, jump))
+        return target + fake, parts, landing
+
+    @torch.no_grad()
+    def self_evaluate(self, x0_hat, ids, t, s, jump, eps2, fake_ids=None):
+        """Self-evaluation of the jumps (s < t), without gradient (Eqs. 8-15). Returns (x_self, lambda, landing):
+        x_self = sg[x0_hat - Delta] on the jumps and sg[x0_hat] elsewhere, lambda_{s,t} (0 where s = t or the
+        caption was dropped), landing = dict(x=x_s_hat, s, x0_hat) of the jumps (None if there are none)."""
+        lam = torch.zeros_like(t)
+        x_self = stopgrad(x0_hat).clone()
+        if len(jump) == 0:
+            return x_self, lam, None
+        tj, sj = t[jump], s[jump]
+        x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)       # alpha_s sg[x0_hat] + sigma_s eps'
+        G_c = G(self.evaluator, x_s_hat, sj, sj, ids[jump])                               # conditional: EMA
+        G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1))        # unconditional: live
+        G_fake = G(self.live, x_s_hat, sj, sj, fake_ids[jump]) if fake_ids is not None else None
+        delta = self_eval_direction(G_phi, G_c, G_fake, self.k)           # Eq. 14 (Eq. s.6 with the fake term)
+        has_caption = (ids[jump] != 0).any(1).float()                     # dropped caption: no self-evaluation
+        x_self[jump] = self_eval_target(x0_hat[jump], delta * bcast(has_caption))          # Eq. 14
+        lam[jump] = lambda_st(sj, tj) * has_caption                       # Eq. 17
+        if self.lambda_max is not None:                                   # ours: a floor on the data share
+            lam = lam.clamp(max=self.lambda_max)
+        return x_self, lam, dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]))
+
+    def fake_loss(self, out_fake, rider, B):
+        """L_fake = w_s ||G(sg[x_s_hat], s, s, c_fake) - sg[x0_hat]||^2 on the riders (Eq. s.8; the weight w_s = 1/s^2
+        and the sum over riders / B, i.e. riders count as batch samples, are ours: the paper gives none)."""
+        return (time_weight(rider["s"]) * per_sample_mse(out_fake, rider["x0_hat"])).sum() / B
+
+    def consistency_override(self, per_sample, x0_hat, x0, x_t, ids, t, s, jump, eps):
+        """Ours (--consistency): the first share of the jumps regresses on MeanFlow's target (its Eq. 10) instead,
+        as a G target x_t - t u_tgt, so that w_t ||G - (x_t - t u_tgt)||^2 = ||V - u_tgt||^2."""
+        mj = jump[:round(self.consistency * len(jump))]
+        if len(mj) == 0:
+            return per_sample
+        v = eps[mj] - x0[mj]
+        _, dudt = meanflow_dudt(self.jvp_net, x_t[mj], t[mj], s[mj], ids[mj], v)
+        per_sample = per_sample.clone()
+        per_sample[mj] = per_sample_mse(x0_hat[mj], x_t[mj] - bcast(t[mj]) * meanflow_target(v, t[mj], s[mj], dudt))
+        return per_sample
+
+    @staticmethod
+    @torch.no_grad()
+    def diagnostics(x0_hat, x0, x_self, lam, w, t, jump):
+        """Logged, not minimised (with the energy-preserving target on): Eq. 16's two terms, data =
+        w ||x0_hat - x0||^2 and self = w lambda ||x0_hat - x_self||^2, and the data term per time bin, for the
+        whole batch and for the jumps alone."""
+        data_l = w * per_sample_mse(x0_hat, x0)
+        parts = dict(data=data_l.mean().item(), self=(w * lam * per_sample_mse(x0_hat, x_self)).mean().item())
+        parts.update({f"data_t{b}": v for b, v in enumerate(bin_losses(t, data_l))})
+        parts.update({f"jump_t{b}": v for b, v in enumerate(bin_losses(t[jump], data_l[jump]))})
+        return parts
 
 
 # -----------------------------------------------------------------------------

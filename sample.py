@@ -9,6 +9,7 @@ the grid goes to the next free name (grid-1.png, ...) and the script says so.
 """
 import argparse
 import os
+import textwrap
 
 import numpy as np
 import torch
@@ -109,8 +110,10 @@ def grid_image(images, prompts, steps_list, n, scale=4):
         for i, img in enumerate(images[steps]):
             tile = Image.fromarray(img).resize((h, h), Image.NEAREST)
             grid.paste(tile, (label_w + j * (h + pad), top + i * (h + pad)))
-    for i, p in enumerate(prompts):
-        draw.text((4, top + i * n * (h + pad) + h // 2 - 6), p[:34], fill=(0, 0, 0))
+    for i, p in enumerate(prompts):  # the whole prompt, wrapped to the label column (~32 characters a line)
+        lines = textwrap.wrap(p, 32) or [""]
+        y = top + i * n * (h + pad) + max(0, (n * (h + pad) - 12 * len(lines)) // 2)
+        draw.multiline_text((4, y), "\n".join(lines), fill=(0, 0, 0), spacing=2)
     return grid
 
 
@@ -162,6 +165,10 @@ def main():
     folder = os.path.isdir(args.out) or not ext
     if not folder and ext not in Image.registered_extensions():
         p.error(f"--out {args.out}: unknown image extension {ext!r}; use .png or .jpg, or a folder")
+    try:  # the folder the output goes into, made now, before any sampling; refused if it cannot be made
+        os.makedirs(args.out if folder else os.path.dirname(args.out) or ".", exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot make its folder ({e.strerror})")
     if args.ckpt is None:
         args.ckpt = default_checkpoint()
         print(f"using {'your run' if args.ckpt == DEFAULT_CKPT else 'the shipped weights'}: {args.ckpt}")
@@ -169,7 +176,6 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = args.prompt or DEFAULT_PROMPTS
     if folder:
-        os.makedirs(args.out, exist_ok=True)
         out = free_path(os.path.join(args.out, "grid.png"))
     else:
         out = free_path(args.out)

@@ -31,6 +31,9 @@ import model as models
 import sample
 
 
+ARCH = ("dim", "depth", "heads", "patch", "conv_head", "qk_norm", "time_scale")  # network flags, kept in config["arch"]
+
+
 def check_args(p, args):
     """Bad values fail here, with one line naming the flag, before any work starts."""
     dim, depth, heads, patch = (args.arch[k] for k in ("dim", "depth", "heads", "patch"))
@@ -44,6 +47,9 @@ def check_args(p, args):
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
         (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
         (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
+        (not 0 <= args.fake_k <= 1, "--fake-k must be in [0, 1]"),
+        (args.lambda_max is not None and args.lambda_max < 0, "--lambda-max must be >= 0"),
+        (not 0 <= args.consistency <= 1, "--consistency must be in [0, 1]"),
         (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
          "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
         (min(dim, depth, heads, patch) < 1 or (args.arch.get("conv_head") or 0) < 0,
@@ -100,6 +106,11 @@ def get_args(argv=None):
     g.add_argument("--fake-start", type=float, default=None,
                    help="switch the fake-score term on at this fraction of training (paper: 0.775); off if unset")
     g.add_argument("--mu", type=float, default=None, help="time shift (default from the image token count)")
+    g.add_argument("--fake-k", type=float, default=0.9, help="k of Eq. s.6: the classifier share of Delta (paper 0.9)")
+    g.add_argument("--lambda-max", type=float, default=None,
+                   help="selfe, ours: cap lambda_{s,t} (Eq. 17), a floor 1/(1+cap) on the data share of the target")
+    g.add_argument("--consistency", type=float, default=0.0,
+                   help="selfe, ours: share of the jumps trained on MeanFlow's target instead of self-evaluation")
     g.add_argument("--meanflow-cfg", type=float, default=1.0,
                    help="meanflow: guidance omega folded into the target (MeanFlow Eq. 19; 1 = none)")
     g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
@@ -128,8 +139,7 @@ def get_args(argv=None):
     args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
     if args.time_scale is None and args.method == "meanflow":
         args.time_scale = 10.0
-    overrides = {k: getattr(args, k) for k in ("dim", "depth", "heads", "patch", "conv_head", "qk_norm", "time_scale")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ARCH if getattr(args, k) is not None}
     args.arch = {**models.MODELS[args.model], **overrides}  # the whole network, kept in the checkpoint's config
     check_args(p, args)
     argv = sys.argv[1:] if argv is None else argv
@@ -187,6 +197,8 @@ def open_run(args, master):
     flags), or refuse to start over an existing one. Returns (args, checkpoint or None)."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out} is a file, not a run folder; choose another --out")
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: --resume but there is no {ckpt_path}; start a run without --resume")
@@ -197,6 +209,14 @@ def open_run(args, master):
         may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
                       "precision", "snapshots"}
         given = {k: getattr(args, k) for k in args.given if k in may_change}
+        saved = ckpt["config"]
+        stored = lambda k: saved.get("arch", {}).get(k, saved.get(k)) if k in ARCH else saved.get(k)
+        clash = [k for k in args.given if k not in may_change | {"resume", "out"} and getattr(args, k) != stored(k)]
+        if clash:
+            flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {stored(k)})" for k in clash)
+            raise SystemExit(f"error: {flags}: a resumed run keeps its own config; drop the flag, or start a new run "
+                             f"with another --out (on resume only these may change: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(may_change))})")
         args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given, "resume": True})
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or --out to start a new run")
@@ -265,7 +285,8 @@ def make_method(args, tok, raw, ema, gen, device, ddp, local):
     ema_eval = torch.compile(ema) if args.compile else ema
     evaluator = ema_eval if args.evaluator == "ema" else live
     return losses.SelfE(tok, mu, evaluator, live, args.caption_dropout, args.tau_anneal,
-                        energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start,
+                        energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start, k=args.fake_k,
+                        lambda_max=args.lambda_max, consistency=args.consistency, jvp_net=raw,
                         generator=gen, device=device), net
 
 
@@ -297,18 +318,24 @@ def main(argv=None):
     tok, loader = make_data(args, ckpt, ddp, rank, world, master, device_type)
     raw, ema, opts, gen = make_model(args, tok, ckpt, device, device_type, rank)
     method, net = make_method(args, tok, raw, ema, gen, device, ddp, local)
+    if ckpt is not None and ckpt.get("rider"):  # the fake branch's pending landings (SelfE, --fake-start)
+        rider = ckpt["rider"][rank] if rank < len(ckpt["rider"]) else None
+        method.rider = {k: v.to(device) for k, v in rider.items()} if rider else None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if master:
         announce(args, raw, tok, device, world)
 
     def checkpoint(step, elapsed, path=ckpt_path):
-        rngs = [gen.get_state()]
-        if ddp:  # every rank's generator state, so that a resumed DDP run continues each stream
-            rngs = [None] * world
+        rider = getattr(method, "rider", None)
+        rider = {k: v.cpu() for k, v in rider.items()} if rider else None
+        rngs, riders = [gen.get_state()], [rider]
+        if ddp:  # every rank's generator state (and riders), so that a resumed DDP run continues each stream
+            rngs, riders = [None] * world, [None] * world
             dist.all_gather_object(rngs, gen.get_state())
+            dist.all_gather_object(riders, rider)
         if master:
             models.save_checkpoint(path, model=raw.state_dict(), ema=ema.state_dict(),
-                                   opt=[o.state_dict() for o in opts], step=step, elapsed=elapsed, rng=rngs,
+                                   opt=[o.state_dict() for o in opts], step=step, elapsed=elapsed, rng=rngs, rider=riders,
                                    config=vars(args), tokenizer=tok.json)
 
     # ---- the loop: batch, loss, backward, step, EMA, log, grid, checkpoint ----

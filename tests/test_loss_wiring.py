@@ -102,4 +102,5 @@ def test_fake_branch_rides_in_the_batch():
     assert torch.equal(call["t"][B:], rider["s"]) and torch.equal(call["s"][B:], rider["s"])
     assert torch.equal(call["ids"][B:], rider["ids"])            # the fake prompt
     fake_l = losses.time_weight(rider["s"]) * (P.detach()[B:] - rider["x0_hat"]).pow(2).flatten(1).mean(1)
-    assert abs(parts["fake"] - fake_l.mean().item()) < 1e-5      # Eq. s.8
+    assert abs(parts["fake"] - fake_l.sum().item() / B) < 1e-5   # Eq. s.8, riders counted as batch samples
+    assert abs(total.item() - parts["target"] - parts["fake"]) < 1e-5   # the logged terms are what is minimised
