@@ -39,7 +39,7 @@ COLOR_NAMES = list(data.COLORS)
 # -----------------------------------------------------------------------------
 # the prompt set
 
-def eval_prompts(per_task=100, seed=EVAL_SEED):
+def eval_prompts(per_task=50, seed=EVAL_SEED):
     """[(caption, spec)], per_task for each of the six tasks. Prompts may repeat (three shapes give three
     single-object prompts); each repeat draws its own images, like more images per prompt."""
     rng = random.Random(seed)
@@ -189,7 +189,7 @@ def as_uint8(images):
     return data.to_uint8(images) if torch.is_tensor(images) else np.asarray(images, dtype=np.uint8)
 
 
-def evaluate(generate, steps_list, per_task=100, n_per_prompt=4, image_size=32, seed=0, batch=500):
+def evaluate(generate, steps_list, per_task=50, n_per_prompt=4, image_size=32, seed=0, batch=500):
     """Score generate(prompts, steps) -> images at each step count: {steps: {task: score, overall, swd}}.
 
     images: uint8 (N, H, W, 3) or a float tensor (N, 3, H, W) in [-1, 1]."""
@@ -207,7 +207,7 @@ def evaluate(generate, steps_list, per_task=100, n_per_prompt=4, image_size=32, 
     return rows
 
 
-def floor_rows(per_task=100, n_per_prompt=4, image_size=32, noise=False):
+def floor_rows(per_task=50, n_per_prompt=4, image_size=32, noise=False):
     """The calibration rows: ground-truth renders (and their SWD floor), or noise and blank images."""
     prompts = eval_prompts(per_task)
     ref = reference_images(prompts, n_per_prompt, image_size)

@@ -105,10 +105,14 @@ def self_eval_target(x0_hat, delta):
     return stopgrad(x0_hat - delta)
 
 
+def norm(x):
+    """||x|| per sample: (B,)."""
+    return x.flatten(1).norm(dim=1).clamp_min(1e-8)
+
+
 def energy_preserving_target(x0, x_self, lam):
     """x_renorm = y / ||y|| * ||x0||, y = x0 + lambda x_self, norms per sample   (Eqs. 18-19)."""
     y = x0 + bcast(lam) * x_self
-    norm = lambda v: v.flatten(1).norm(dim=1).clamp_min(1e-8)
     return y * bcast(norm(x0) / norm(y))
 
 

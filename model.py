@@ -6,7 +6,7 @@ G(x_t, t, s, c) = x_t - t V is its clean-sample head (Eq. 6). s = t is an ordina
 
 Prediction target (ours, see README): by default the head predicts the clean image x0_hat and the
 velocity follows from Eq. 6 as V = (x_t - x0_hat) / t, so G = x0_hat exactly and every loss of the paper is
-unchanged. In pixel space with 4x4 patches (48 numbers per token) a V head must reproduce the input noise
+unchanged. In pixel space with p x p patches (tiny: 8x8, 192 numbers per token) a V head must reproduce the noise
 token by token, which a small network does badly at t ~ 1, i.e. exactly where one-step sampling starts
 (Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025). `prediction="v"` gives the
 paper's V head for comparison.
@@ -38,9 +38,6 @@ MODELS = {
     "base": dict(dim=384, depth=12, heads=6, patch=4, text_layers=4),    # 40M
     "large": dict(dim=768, depth=16, heads=12, patch=4, text_layers=6),  # 217M
 }
-# tiny had patch 4 until the recipe search (bench/search): 16 tokens of 8x8 give twice the optimiser steps per
-# CPU-minute and scored 0.25 against 0.14. Checkpoints from before then that store no patch load as patch 4.
-LEGACY = {"tiny": dict(patch=4)}
 
 
 def sinusoid(t, dim=256, scale=1000.0):
@@ -78,20 +75,17 @@ class TimeMLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a key padding mask; qk_norm: RMS-normalise queries and keys per head."""
+    """Multi-head self-attention with a key padding mask."""
 
-    def __init__(self, dim, heads, qk_norm=False):
+    def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
 
     def forward(self, x, keep):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-        q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])          # (B, nh, T, hs)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
@@ -137,11 +131,11 @@ class TextEncoder(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block over the joint sequence [text tokens; image tokens]."""
 
-    def __init__(self, dim, heads, qk_norm=False):
+    def __init__(self, dim, heads):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm)
+        self.attn = Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -169,8 +163,7 @@ class DiT(nn.Module):
     """Text-to-image DiT with two time inputs: V(x_t, t, s, c)."""
 
     def __init__(self, vocab_size, max_text_len=24, image_size=32, channels=3,
-                 dim=128, depth=4, heads=4, patch=4, text_layers=2, prediction="x", conv_head=0, qk_norm=False,
-                 time_scale=1000.0):
+                 dim=128, depth=4, heads=4, patch=4, text_layers=2, prediction="x", time_scale=1000.0):
         super().__init__()
         assert prediction in ("x", "v"), prediction
         self.prediction = prediction
@@ -184,11 +177,8 @@ class DiT(nn.Module):
         self.s_embed = TimeMLP(dim, scale=time_scale)  # MLP_s(sinusoid(t - s))   (paper S.2)
         self.text = TextEncoder(vocab_size, max_text_len, dim, heads, text_layers)
         self.text_proj = nn.Linear(dim, dim)  # pooled text -> added to the time embedding
-        self.blocks = nn.ModuleList([DiTBlock(dim, heads, qk_norm) for _ in range(depth)])
-        # conv_head = k > 0: the last layer gives k features per pixel and a 3x3 convolution mixes them into
-        # the output, across patch seams (a per-patch linear head cannot make neighbouring patches agree)
-        self.final = FinalLayer(dim, patch, conv_head or channels)
-        self.conv = nn.Conv2d(conv_head, channels, 3, padding=1) if conv_head else None
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads) for _ in range(depth)])
+        self.final = FinalLayer(dim, patch, channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -208,11 +198,7 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN[-1].bias)
         nn.init.zeros_(self.final.adaLN[-1].weight)
         nn.init.zeros_(self.final.adaLN[-1].bias)
-        if self.conv is None:  # zero-out the output layer: the head outputs 0 at start
-            nn.init.zeros_(self.final.linear.weight)
-        else:  # zero the convolution instead: zeroing both would leave neither a gradient
-            nn.init.zeros_(self.conv.weight)
-            nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(self.final.linear.weight)  # zero-out the output layer: the head outputs 0 at start
         nn.init.zeros_(self.final.linear.bias)
 
     def patchify(self, x):
@@ -236,9 +222,7 @@ class DiT(nn.Module):
         keep = torch.cat([txt_keep, torch.ones_like(img[..., 0], dtype=torch.bool)], dim=1)
         for block in self.blocks:
             h = block(h, c, keep)
-        out = self.unpatchify(self.final(h[:, txt.shape[1]:], c))    # image tokens only: (B, C or k, H, W)
-        if self.conv is not None:
-            out = self.conv(out)                                     # (B, C, H, W)
+        out = self.unpatchify(self.final(h[:, txt.shape[1]:], c))    # image tokens only: (B, C, H, W)
         if self.prediction == "v":
             return out
         # x-prediction: the head predicts the clean image and V follows from Eq. 6, V = (x_t - x0_hat) / t
@@ -251,7 +235,7 @@ def G(model, x_t, t, s, ids):
 
 
 def build(size, vocab_size, max_text_len, image_size, prediction="x", **overrides):
-    """A DiT of a named size; overrides (dim, depth, heads, patch, conv_head, qk_norm, ...) replace its fields."""
+    """A DiT of a named size; overrides (dim, depth, heads, patch, time_scale, ...) replace its fields."""
     if size not in MODELS:
         raise ValueError(f"unknown model size {size!r}; choose from {list(MODELS)}")
     return DiT(vocab_size, max_text_len, image_size, prediction=prediction, **{**MODELS[size], **overrides})
@@ -304,10 +288,8 @@ def export_weights(ckpt, path, half=True):
 
 
 def config_arch(cfg):
-    """The network fields a run's config stores; a config written before it stored them all (before tiny moved
-    to patch 8) gets the size's old fields from LEGACY."""
-    arch = cfg.get("arch", {})
-    return arch if "patch" in arch else {**LEGACY.get(cfg["model"], {}), **arch}
+    """The network fields a run's config stores (train.py writes them all into config["arch"])."""
+    return cfg.get("arch", {})
 
 
 def from_checkpoint(ckpt, vocab_size, weights="ema"):

@@ -11,7 +11,6 @@ import argparse
 import os
 import textwrap
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 

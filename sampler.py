@@ -10,7 +10,7 @@ One step costs one network evaluation per image (two with guidance).
 """
 import torch
 
-from losses import alpha, bcast, shift, sigma
+from losses import alpha, bcast, norm, shift, sigma
 
 
 # Each method's default sampler, the one place they live (sample.sampling_defaults reads them):
@@ -38,7 +38,6 @@ def target_time(t, t_next, s_mode):
 def ep_cfg(v_c, v_u, omega):
     """Energy-preserving CFG: V = V_c + (omega - 1)(V_c - V_u), rescaled per sample to ||V_c||."""
     v = v_c + (omega - 1) * (v_c - v_u)
-    norm = lambda x: x.flatten(1).norm(dim=1).clamp_min(1e-8)
     return v * bcast(norm(v_c) / norm(v))
 
 

@@ -31,7 +31,7 @@ import model as models
 import sample
 
 
-ARCH = ("dim", "depth", "heads", "patch", "conv_head", "qk_norm", "time_scale")  # network flags, kept in config["arch"]
+ARCH = ("dim", "depth", "heads", "patch", "time_scale")  # network flags, kept in config["arch"]
 
 
 def check_args(p, args):
@@ -52,8 +52,8 @@ def check_args(p, args):
         (not 0 <= args.consistency <= 1, "--consistency must be in [0, 1]"),
         (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
          "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
-        (min(dim, depth, heads, patch) < 1 or (args.arch.get("conv_head") or 0) < 0,
-         "--dim, --depth, --heads and --patch must be at least 1, --conv-head at least 0"),
+        (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
+        (args.arch.get("time_scale", 1) <= 0, "--time-scale must be > 0"),
         (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
         (args.image_size < 1 or args.image_size % max(patch, 1),
          f"--image-size {args.image_size} must be a positive multiple of the patch size {patch}"),
@@ -92,8 +92,6 @@ def get_args(argv=None):
     g.add_argument("--depth", type=int, default=None, help="override the size's number of blocks")
     g.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
     g.add_argument("--patch", type=int, default=None, help="override the size's patch size")
-    g.add_argument("--conv-head", type=int, default=None, help="k > 0: k features per pixel, then a 3x3 conv")
-    g.add_argument("--qk-norm", default=None, action=argparse.BooleanOptionalAction, help="RMSNorm on q and k")
     g.add_argument("--time-scale", type=float, default=None,
                    help="time features sin(scale * t) (default 1000 as DiT; 10 for meanflow, whose JVP "
                         "differentiates them in t)")

@@ -171,15 +171,3 @@ def test_sample_uses_the_shipped_weights_only_without_a_run_and_says_which(tmp_p
     monkeypatch.chdir(tmp_path)                           # runs/shapes/ckpt.pt here: the user's own run
     sample.main()
     assert "using your run: runs/shapes/ckpt.pt" in capsys.readouterr().out
-
-
-def test_checkpoints_from_before_tiny_moved_to_patch_8_still_load():
-    import model as models
-    old = models.build("tiny", vocab_size=30, max_text_len=8, image_size=32, patch=4)
-    for arch in ({}, {"dim": 128}):  # what train.py stored then: only the flags given
-        ck = {"config": {"model": "tiny", "max_text_len": 8, "image_size": 32, "arch": arch}, "ema": old.state_dict()}
-        assert models.from_checkpoint(ck, 30).patch == 4
-    new = models.build("tiny", vocab_size=30, max_text_len=8, image_size=32)
-    ck = {"config": {"model": "tiny", "max_text_len": 8, "image_size": 32, "arch": dict(models.MODELS["tiny"])},
-          "ema": new.state_dict()}
-    assert models.from_checkpoint(ck, 30).patch == 8 == models.MODELS["tiny"]["patch"]

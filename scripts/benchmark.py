@@ -1,12 +1,12 @@
 """Reproduce the paper's claims in miniature: Self-E against flow matching at equal wall-clock, measured.
 
-    python benchmark.py                                  # 30 minutes per method, then ShapesEval
-    python benchmark.py --minutes 15 --out /tmp/bench15  # a shorter budget
-    python benchmark.py --ablations                      # + no energy-preserving target, fake-score term,
+    python -m scripts.benchmark                                  # 30 minutes per method, then ShapesEval
+    python -m scripts.benchmark --minutes 15 --out /tmp/bench15  # a shorter budget
+    python -m scripts.benchmark --ablations                      # + no energy-preserving target, fake-score term,
                                                          #   and Self-E with a second seed (noise)
-    nohup python benchmark.py > bench.log 2>&1 &         # unattended; the same command again resumes it
-    python benchmark.py --ablations --jobs 2             # two runs at a time, one core each
-    python benchmark.py --curves --minutes 120 --snapshots 15 30 60 --jobs 2   # learning curves
+    nohup python -m scripts.benchmark > bench.log 2>&1 &         # unattended; the same command again resumes it
+    python -m scripts.benchmark --ablations --jobs 2             # two runs at a time, one core each
+    python -m scripts.benchmark --curves --minutes 120 --snapshots 15 30 60 --jobs 2   # learning curves
 
 Both methods train the same architecture with the same batch, seed and wall-clock budget (train.py with
 --max-minutes); each run resumes from its checkpoint if interrupted. Then both are scored with
@@ -40,6 +40,7 @@ import data
 import evaluate
 import model as models
 import sample
+from scripts import runs
 
 STEPS = [1, 2, 4, 8, 50]
 RUNS = {  # name: extra train.py arguments
@@ -51,6 +52,7 @@ RUNS = {  # name: extra train.py arguments
     "selfe_seed1": ["--seed", "1"],                 # Self-E again, another seed: how large is run-to-run noise?
     "curve_flow": ["--method", "flow"],             # --curves: the two learning curves
     "curve_selfe": [],
+    "curve_meanflow": ["--method", "meanflow"],     # --curves: the native few-step baseline (paper Table 2)
 }
 SHIPPED = sample.SHIPPED_CKPT  # checkpoints/shapes_tiny_selfe.pt: what sample.py uses when you have no run
 GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
@@ -77,20 +79,16 @@ def train(names, args):
     """Train the runs to their budget, args.jobs at a time (each resumes if it was interrupted);
     returns {name: training summary}."""
     todo = [n for n in names if not os.path.exists(os.path.join(args.out, "runs", n, "DONE"))]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)  # concurrent runs share the cores evenly
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if args.jobs > 1 else None
+    env = runs.threads_env(args.jobs) if args.jobs > 1 else None
     for i in range(0, len(todo), args.jobs):
         procs = []
         for name in todo[i:i + args.jobs]:
             out = os.path.join(args.out, "runs", name)
-            cmd = [sys.executable, "train.py", "--out", out]
-            if os.path.exists(os.path.join(out, "ckpt.pt")):
-                cmd += ["--resume"]
-            else:
-                cmd += ["--max-minutes", str(args.minutes), "--clock", "cpu", "--seed", str(args.seed),
-                        "--sample-every", "0", *RUNS[name], *args.train_args.split()]
-                if name.startswith("curve_"):
-                    cmd += ["--snapshots", *map(str, args.snapshots)]
+            flags = ["--max-minutes", str(args.minutes), "--clock", "cpu", "--seed", str(args.seed),
+                     "--sample-every", "0", *RUNS[name], *args.train_args.split()]
+            if name.startswith("curve_"):
+                flags += ["--snapshots", *map(str, args.snapshots)]
+            cmd = runs.train_cmd(out, flags)
             print(" ".join(cmd), flush=True)
             procs.append((name, out, subprocess.Popen(cmd, env=env)))
         for name, out, p in procs:
@@ -98,14 +96,7 @@ def train(names, args):
                 raise SystemExit(f"error: training {name} did not finish (exit {p.returncode}: stopped by a "
                                  f"signal, saved, if > 128); run the same command again to resume it")
             open(os.path.join(out, "DONE"), "w").close()
-    return {name: summary(os.path.join(args.out, "runs", name)) for name in names}
-
-
-def summary(out):
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
-    return dict(steps=ckpt["step"], minutes=round(ckpt["elapsed"] / 60, 2),
-                img_per_s=round(float(np.median([r["img_per_s"] for r in log])), 1), final_loss=log[-1]["loss"])
+    return {name: runs.summary(os.path.join(args.out, "runs", name)) for name in names}
 
 
 def score(name, args, steps=STEPS, ckpt="ckpt.pt", **opts):
@@ -206,13 +197,15 @@ def targets(res):
         "selfe non-decreasing in steps (within 0.02)": [[o(s, k) for k in STEPS], mono],
         "selfe@1 >= 0.7 x selfe@50": [o(s, 1), o(s, 50), o(s, 1) >= 0.7 * o(s, 50)],
         "selfe@8 >= 0.6": [o(s, 8), o(s, 8) >= 0.6],
+        **({f"selfe@{k} >= meanflow@{k}": [o(s, k), o(m, k), o(s, k) >= o(m, k)] for k in (1, 2)}
+           if (m := res["eval"].get("meanflow")) else {}),
     }
 
 
 def write_report(res, args):
     where = "one run at a time" if args.jobs == 1 else f"{args.jobs} runs at a time, the cores shared evenly"
     lines = [f"# Self-E vs flow matching on ShapesEval ({args.minutes:g} minutes per run, {where})", "",
-             "Command: `python benchmark.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
+             "Command: `python -m scripts.benchmark " + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
              f"Machine: {res['machine']}", ""]
     lines += ["## Training", "", "| run | steps | minutes | img/s | final loss |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['steps']} | {v['minutes']} | {v['img_per_s']} | {v['final_loss']:.4f} |"
@@ -241,7 +234,8 @@ def grid(res, args, names=("flow", "selfe"), path=None):
             images[steps] = data.to_uint8(gen([p for p in GRID_PROMPTS for _ in range(2)], steps))
         g = sample.grid_image(images, GRID_PROMPTS, STEPS, 2)
         title = Image.new("RGB", (g.width, 18), (255, 255, 255))
-        ImageDraw.Draw(title).text((4, 3), "flow matching" if "flow" in name else "Self-E", fill=(0, 0, 0))
+        label = {"flow": "flow matching", "selfe": "Self-E", "meanflow": "MeanFlow"}[name.replace("curve_", "")]
+        ImageDraw.Draw(title).text((4, 3), label, fill=(0, 0, 0))
         blocks += [title, g]
     out = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))
     y = 0
@@ -254,7 +248,7 @@ def grid(res, args, names=("flow", "selfe"), path=None):
 def curves(res, args, save):
     """Train the two learning-curve runs, score each snapshot and the end, judge the claims at each budget."""
     res.setdefault("curves", {})
-    names = ["curve_flow", "curve_selfe"]
+    names = ["curve_flow", "curve_selfe", "curve_meanflow"]
     res["train"] = {**res.get("train", {}), **train(names, args)}
     save()
     budgets = sorted({*args.snapshots, args.minutes})
@@ -263,7 +257,7 @@ def curves(res, args, save):
             if f"{m:g}" in res["curves"].setdefault(name, {}):
                 continue
             path = "ckpt.pt" if m == args.minutes else f"ckpt_{m:g}min.pt"
-            ck = torch.load(os.path.join(args.out, "runs", name, path), map_location="cpu", weights_only=True)
+            ck = models.load_checkpoint(os.path.join(args.out, "runs", name, path))
             res["curves"][name][f"{m:g}"] = dict(score(name, args, ckpt=path), optimiser_steps=ck["step"],
                                                  images=ck["step"] * ck["config"]["batch_size"])
             print(name, m, json.dumps({k: round(v["overall"], 3) for k, v in res["curves"][name][f"{m:g}"].items()
@@ -303,7 +297,8 @@ def claims_by_budget(curves, budgets):
     methods draw noise and 0 >= 2 x 0 'holds'. "at" shows a claim that holds early and is lost later."""
     out = {}
     for m in (f"{b:g}" for b in budgets):
-        verdicts = targets({"eval": {"selfe": curves["curve_selfe"][m], "flow": curves["curve_flow"][m]}})
+        runs_at = {k[len("curve_"):]: v[m] for k, v in curves.items() if m in v}
+        verdicts = targets({"eval": runs_at})
         judged = curves["curve_selfe"][m]["50"]["overall"] >= 0.1
         for claim, v in verdicts.items():
             c = out.setdefault(claim, {"first": None, "at": {}})
@@ -320,10 +315,12 @@ def plot_curves(res, budgets, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, steps in enumerate(STEPS):
-        for name, style in (("curve_selfe", "-"), ("curve_flow", "--")):
-            y = [res["curves"][name][f"{m:g}"][str(steps)]["overall"] for m in budgets]
-            ax.plot(budgets, y, style, marker="o", color=f"C{i}",
-                    label=f"{'Self-E' if name == 'curve_selfe' else 'flow'} {steps} step{'s' * (steps > 1)}")
+        for name, style, label in (("curve_selfe", "-", "Self-E"), ("curve_flow", "--", "flow"),
+                                   ("curve_meanflow", ":", "MeanFlow")):
+            have = [m for m in budgets if f"{m:g}" in res["curves"].get(name, {})]
+            y = [res["curves"][name][f"{m:g}"][str(steps)]["overall"] for m in have]
+            if have:
+                ax.plot(have, y, style, marker="o", color=f"C{i}", label=f"{label} {steps} step{'s' * (steps > 1)}")
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(budgets, [f"{m:g}" for m in budgets])

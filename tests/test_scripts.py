@@ -1,11 +1,11 @@
-"""benchmark.py: the paper's claims are judged right, and runs train two at a time, one core each, and resume."""
+"""scripts/: the paper's claims are judged right, and runs train two at a time, one core each, and resume."""
 import argparse
 import os
 import subprocess
 
 import pytest
 
-import benchmark
+from scripts import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +70,7 @@ def test_each_claim_judged_at_each_budget_and_its_first():
 
 
 def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned():
-    import search
+    from scripts import search
     import train
     base = train.get_args(search.BASELINE)
     assert (base.arch["patch"], base.optimizer, base.lr) == (4, "adam", 1e-3)  # 'base', whatever the defaults

@@ -1,8 +1,8 @@
 """The recipe search, run as a speedrun: a fixed CPU budget per run, one change at a time against the baseline.
 
-    nohup python search.py > search.log 2>&1 &     # every config below; the same command again resumes
-    python search.py --only base p8_conv           # just these
-    python search.py --full flow_p8 flow_p8_seed1  # finished runs again on the full prompt set (50 per task)
+    nohup python -m scripts.search > search.log 2>&1 &   # every config in bench/search/configs.json; resumes
+    python -m scripts.search --only base p8_muon         # just these
+    python -m scripts.search --full flow_p8 flow_p8_seed1  # finished runs again on the full prompt set
 
 Each config trains flow matching (train.py --method flow) for --minutes of CPU time (--clock cpu: a run
 that shares the CPU still gets the same compute), two runs at a time with one thread each, then is scored
@@ -13,59 +13,16 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 
-import numpy as np
 
-# The recipe every config starts from: tiny as it was before this search (patch 4, Adam, lr 1e-3). Written out,
-# so the table stays reproducible now that the defaults have moved to the winner (later flags override earlier).
-BASELINE = ["--patch", "4", "--optimizer", "adam", "--lr", "1e-3"]
-# name: train.py arguments on top of BASELINE. One change per line unless marked. Not every config has been run
-# (bench/search/results.md lists those that were); `python search.py` runs what is missing.
-CONFIGS = {
-    "base": [],
-    "base_seed1": ["--seed", "1"],
-    "p8_conv": ["--patch", "8", "--conv-head", "16"],                     # 16 tokens: 2.2x the steps
-    "conv": ["--conv-head", "16"],                                         # seams: a 3x3 conv output head
-    "muon": ["--optimizer", "muon"],
-    "ema0.99": ["--ema", "0.99"],
-    "batch32": ["--batch-size", "32"],
-    "lr2e-3": ["--lr", "2e-3"],
-    "qknorm_lr3e-3": ["--qk-norm", "--lr", "3e-3"],                        # qk-norm to allow a larger lr
-    "p8_conv_d192x6": ["--patch", "8", "--conv-head", "16", "--dim", "192", "--depth", "6", "--heads", "6"],
-    "p2_d64": ["--patch", "2", "--dim", "64"],                             # 256 tokens, 1.5x the step cost
-    "d192x2": ["--dim", "192", "--depth", "2"],                            # equal cost, wide and shallow
-    "d96x7": ["--dim", "96", "--depth", "7"],                              # equal cost, narrow and deep
-    "batch128": ["--batch-size", "128"],
-    "mu0": ["--mu", "0"],                                                  # no time shift (default 0.33)
-    "heads2": ["--heads", "2"],                                            # head size 64 instead of 32
-    "evallive": ["--evaluator", "live"],                                   # Self-E: no EMA lag in Delta
-    # round 2: patch 8 with the conv head won round 1 (2x the steps); one change at a time on top of it
-    "p8": ["--patch", "8"],                                                # without the conv head
-    "p8_conv_muon": ["--patch", "8", "--conv-head", "16", "--optimizer", "muon"],
-    "p8_conv_lr2e-3": ["--patch", "8", "--conv-head", "16", "--lr", "2e-3"],
-    "p8_conv_batch32": ["--patch", "8", "--conv-head", "16", "--batch-size", "32"],
-    "p8_conv_d256x4": ["--patch", "8", "--conv-head", "16", "--dim", "256", "--depth", "4"],
-    "p8_conv_seed1": ["--patch", "8", "--conv-head", "16", "--seed", "1"],  # the round-1 winner, second seed
-    "p8_seed1": ["--patch", "8", "--seed", "1"],                           # round 2's winner, second seed
-    "p8_muon": ["--patch", "8", "--optimizer", "muon"],                    # the two gains together
-    # round 3: patch 8 + Muon leads on two seeds (0.263 / 0.281 vs 0.254 / 0.242); one change at a time on top
-    "p8_muon_seed1": ["--patch", "8", "--optimizer", "muon", "--seed", "1"],
-    "p8_muon_lr2e-3": ["--patch", "8", "--optimizer", "muon", "--lr", "2e-3"],
-    "p8_muon_batch128": ["--patch", "8", "--optimizer", "muon", "--batch-size", "128"],  # half the steps
-    "p8_muon_d192": ["--patch", "8", "--optimizer", "muon", "--dim", "192"],             # 2x the step cost
-    "p8_muon_depth6": ["--patch", "8", "--optimizer", "muon", "--depth", "6"],           # 1.5x the step cost
-    "p8_muon_mu0": ["--patch", "8", "--optimizer", "muon", "--mu", "0"],                 # no time shift
-    "p8_muon_qknorm_lr3e-3": ["--patch", "8", "--optimizer", "muon", "--qk-norm", "--lr", "3e-3"],
-    # round 4: lr 2e-3 won round 3 by +0.08 (one seed): its second seed, and the next step up
-    "p8_muon_lr2e-3_seed1": ["--patch", "8", "--optimizer", "muon", "--lr", "2e-3", "--seed", "1"],
-    "p8_muon_lr4e-3": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3"],
-    "p8_muon_lr8e-3": ["--patch", "8", "--optimizer", "muon", "--lr", "8e-3"],
-    "p8_muon_lr4e-3_seed1": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3", "--seed", "1"],
-    # round 5, Self-E at the adopted recipe: diagnose.py finds Delta mostly EMA lag until the lr has decayed
-    "p8_muon_lr4e-3_evallive": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3", "--evaluator", "live"],
-    "p8_muon_lr4e-3_ema0.99": ["--patch", "8", "--optimizer", "muon", "--lr", "4e-3", "--ema", "0.99"],
-}
+from scripts import runs
+
+# The configs and the baseline they start from are data, beside their results: bench/search/configs.json
+# ({"baseline": flags, "configs": {name: {"flags", "why", "round", "removed"?}}}). Not every config has run.
+CONFIGS_FILE = os.path.join("bench", "search", "configs.json")
+_spec = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CONFIGS_FILE)))
+BASELINE = _spec["baseline"]
+CONFIGS = {name: c["flags"] for name, c in _spec["configs"].items() if "removed" not in c}
 
 
 def get_args():
@@ -91,25 +48,15 @@ def get_args():
     return args
 
 
-def eval_cmd(run, out, per_task, n, steps):
-    """evaluate.py on a run's ckpt.pt, writing shapes_eval.json to out."""
-    return [sys.executable, "evaluate.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--out", out,
-            "--per-task", str(per_task), "--n", str(n), "--steps", *map(str, steps)]
-
-
 def run_one(name, args):
     """Train (or resume) then score one config; returns the Popen of a shell doing both (or of `true`, when
     the run is already trained and scored)."""
     out = os.path.join(args.out, "runs", f"{args.method}_{name}")
     if os.path.exists(os.path.join(out, "shapes_eval.json")):
         return out, subprocess.Popen(["true"])
-    train = [sys.executable, "train.py", "--out", out]
-    if os.path.exists(os.path.join(out, "ckpt.pt")):
-        train += ["--resume"]
-    else:
-        train += ["--method", args.method, "--max-minutes", str(args.minutes), "--clock", "cpu",
-                  "--sample-every", "0", *BASELINE, *CONFIGS[name]]
-    score = eval_cmd(out, out, args.per_task, args.n, args.steps)
+    train = runs.train_cmd(out, ["--method", args.method, "--max-minutes", str(args.minutes), "--clock", "cpu",
+                                 "--sample-every", "0", *BASELINE, *CONFIGS[name]])
+    score = runs.eval_cmd(os.path.join(out, "ckpt.pt"), out, args.per_task, args.n, args.steps)
     cmd = " ".join(train) + " > " + os.path.join(out + ".log") + " 2>&1 && " + " ".join(score) + " >> " + \
         os.path.join(out + ".log") + " 2>&1"
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -124,7 +71,7 @@ def score_full(names, res, args):
         procs = []
         for name in todo[i:i + args.jobs]:
             run = os.path.join(args.out, "runs", name)
-            cmd = eval_cmd(run, os.path.join(run, "full"), 50, 4, args.steps)
+            cmd = runs.eval_cmd(os.path.join(run, "ckpt.pt"), os.path.join(run, "full"), 50, 4, args.steps)
             procs.append((name, run, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                                       stdout=subprocess.DEVNULL)))
         for name, run, p in procs:
@@ -136,23 +83,18 @@ def score_full(names, res, args):
 
 
 def summary(out):
-    import torch
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
-    rows = json.load(open(os.path.join(out, "shapes_eval.json")))["rows"]
-    cfg = ckpt["config"]
+    """runs.summary, with the config's flags and its ShapesEval rows."""
     method, name = os.path.basename(out).split("_", 1)
-    return dict(args=(["--method", "selfe"] if method == "selfe" else []) + CONFIGS[name], steps=ckpt["step"],
-                cpu_minutes=round(ckpt["elapsed"] / 60, 2), batch=cfg["batch_size"],
-                final_loss=round(float(np.mean([r["loss"] for r in log[-10:]])), 4), rows=rows)
+    return dict(args=(["--method", "selfe"] if method == "selfe" else []) + _spec["configs"][name]["flags"],
+                rows=json.load(open(os.path.join(out, "shapes_eval.json")))["rows"], **runs.summary(out))
 
 
 def write_report(res, path):
     """results.md: one table per method, best first."""
     md = ["# Recipe search: 15 CPU-minutes per run, ShapesEval on 20 prompts per task x 4 images", "",
-          "`python search.py` (one change at a time from `BASELINE`, tiny before the search: patch 4, Adam, lr 1e-3;",
+          "`python -m scripts.search` (one change at a time from `BASELINE`, tiny before the search: patch 4, Adam, lr 1e-3;",
           "`vs base` = against it, seed 0; images per CPU-second = optimiser steps x batch / CPU-seconds)", ""]
-    for method, title in (("flow", "Flow matching"), ("selfe", "Self-E (`python search.py --method selfe`)")):
+    for method, title in (("flow", "Flow matching"), ("selfe", "Self-E (`python -m scripts.search --method selfe`)")):
         runs = {k: v for k, v in res.items() if k.startswith(method + "_")}
         if runs:
             md += [f"## {title}", "", table(runs, method), ""]
@@ -182,7 +124,7 @@ def table(res, method):
         rows = r["rows"]
         tasks = per_task(rows["50"])
         d = f"{rows['50']['overall'] - base:+.3f}" if base is not None else ""
-        rate = r["steps"] * r["batch"] / (r["cpu_minutes"] * 60)  # wall-clock img/s depends on what else ran
+        rate = r["steps"] * r["batch"] / (r.get("cpu_minutes", r.get("minutes")) * 60)  # wall-clock img/s depends on what else ran
         lines.append(f"| {name} | `{' '.join(r['args'])}` | {r['steps']} | {rate:.0f} | "
                      f"{rows['1']['overall']:.3f} | {rows['2']['overall']:.3f} | {rows['50']['overall']:.3f} | {d} | "
                      f"{rows['50']['swd']:.2f} | {tasks} |")

@@ -1,7 +1,7 @@
 """Why do Self-E's few-step samples stall? Two studies of one checkpoint.
 
-    python diagnose.py --ckpt runs/shapes/ckpt.pt              # what the jumps learn from, per time t
-    python diagnose.py --ckpt runs/shapes/ckpt.pt --fewstep    # where the 1- and 2-step samples go wrong
+    python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt              # what the jumps learn from, per time t
+    python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt --fewstep    # where the 1- and 2-step samples go wrong
 
 Exported weights (checkpoints/shapes_tiny_selfe.pt) hold the EMA only: the first study then uses the EMA for
 the live weights too, so its lag between live and EMA weights reads 0 (it says so).
