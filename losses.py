@@ -260,7 +260,7 @@ class SelfE(FlowMatching):
         tj, sj = t[jump], s[jump]
         x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)       # alpha_s sg[x0_hat] + sigma_s eps'
         G_c = G(self.evaluator, x_s_hat, sj, sj, ids[jump])                               # conditional: EMA
-        G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1))        # unconditional: live
+        G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1).contiguous())  # uncond.: live
         G_fake = G(self.live, x_s_hat, sj, sj, fake_ids[jump]) if fake_ids is not None else None
         delta = self_eval_direction(G_phi, G_c, G_fake, self.k)           # Eq. 14 (Eq. s.6 with the fake term)
         has_caption = (ids[jump] != 0).any(1).float()                     # dropped caption: no self-evaluation

@@ -288,6 +288,16 @@ def make_method(args, tok, raw, ema, gen, device, ddp, local):
                         generator=gen, device=device), net
 
 
+def micro_step(method, net, x0, captions, progress, k, last, ddp, autocast):
+    """One of k micro-batches of an optimiser step: backward of loss / k, so the k gradients add up to that of the
+    mean loss. Under DDP the gradient all-reduce runs on the last micro-batch only (no_sync before it)."""
+    sync = net.no_sync() if ddp and not last else contextlib.nullcontext()
+    with sync, autocast:
+        loss, parts = method.loss(net, x0, captions, progress)
+        (loss / k).backward()
+    return loss, parts
+
+
 class StopRequest:
     """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step."""
 
@@ -364,10 +374,8 @@ def main(argv=None):
             x0, captions, bad = next(loader)                                         # (B, 3, H, W), B strings
             for k, v in bad.items():                                                 # broken samples, counted
                 skipped[k] = skipped.get(k, 0) + v
-            sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
-            with sync, autocast:
-                loss, p = method.loss(net, x0.to(device, non_blocking=True), captions, progress)
-                (loss / args.grad_accum).backward()
+            loss, p = micro_step(method, net, x0.to(device, non_blocking=True), captions, progress,
+                                 args.grad_accum, micro == args.grad_accum - 1, ddp, autocast)
             for k, v in p.items():
                 parts[k] = parts.get(k, 0.0) + v / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)

@@ -13,6 +13,7 @@ import data
 import evaluate
 
 PER_TASK, N = 100, 4
+PINNED = ['a triangle', 'a triangle and a circle', 'two squares']  # the first prompt of the first three tasks
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def prompts():
 
 
 def test_prompt_set_is_fixed_and_covers_every_task_and_shape(prompts):
-    assert prompts == evaluate.eval_prompts(PER_TASK)
+    assert [c for c, _ in prompts[:: PER_TASK][:3]] == PINNED        # the set itself is pinned: scores stay comparable
+    assert evaluate.eval_prompts(PER_TASK, seed=1) != prompts          # and it is the seed that fixes it
     tasks = [s["task"] for _, s in prompts]
     assert all(tasks.count(t) == PER_TASK for t in data.TASKS)
     singles = {s["include"][0]["shape"] for _, s in prompts if s["task"] == "single_object"}

@@ -3,6 +3,7 @@
 Every run here has a time-out: code that hangs fails the test instead of stalling CI."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,11 +38,9 @@ def test_shards_with_only_broken_images_stop_with_counts(tmp_path):
     d.mkdir()
     write_tar(d / "00000.tar", [m for i in range(6) for m in
                                 ((f"{i:04d}.jpg", b"not a jpeg"), (f"{i:04d}.txt", b"a caption"))])
-    t0 = time.time()
     r = run("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--out", str(tmp_path / "run"), timeout=60)
     assert one_clear_line(r), r.stderr[-2000:]
     assert "no usable sample" in r.stderr and "6 bad image" in r.stderr and "KEY.jpg + KEY.txt" in r.stderr
-    assert time.time() - t0 < 60
 
 
 def test_folder_without_captions_stops_with_counts(tmp_path):
@@ -87,9 +86,11 @@ def test_a_few_good_samples_among_many_bad_still_train(tmp_path):
 
 # ---- 2. interrupted and diverging runs --------------------------------------------------------------------
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fake-start", "0"]], ids=["plain", "fake-term"])
+def test_sigterm_saves_and_resume_is_exact(tmp_path, extra):
+    """Bit for bit; with the fake-score term on, the riders (landings waiting for the next step) are saved too."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    steps = ["--max-steps", "40", "--ckpt-every", "1000"]  # no periodic checkpoint: only SIGTERM's save
+    steps = ["--max-steps", "40", "--ckpt-every", "1000", *extra]  # no periodic checkpoint: only SIGTERM's save
     r = run("train.py", *SMALL, *steps, "--out", a, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT,
@@ -104,6 +105,7 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
     stopped = ckpt_step(os.path.join(b, "ckpt.pt"))
     assert 2 <= stopped < 40, f"not stopped mid-way (step {stopped})"
     assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    assert (torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["rider"][0] is not None) == bool(extra)
     r = run("train.py", "--resume", "--out", b, timeout=300)
     assert "done: 40 steps" in r.stdout, r.stderr[-2000:]
     A = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
@@ -191,3 +193,43 @@ def test_evaluate_rejects_a_checkpoint_of_another_image_size(tmp_path, tiny_ckpt
     torch.save(ck, tmp_path / "big.pt")
     r = run("evaluate.py", "--ckpt", str(tmp_path / "big.pt"), "--steps", "1", "--per-task", "1")
     assert one_clear_line(r) and "64 px" in r.stderr and "32 px" in r.stderr
+
+
+# ---- mends: each found by trying the commands -------------------------------------------------------------
+
+def test_sample_makes_a_missing_out_folder_first_or_refuses_before_sampling(tmp_path, tiny_ckpt):
+    out = tmp_path / "missing" / "dir" / "x.png"
+    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(out), "--prompt", "a red circle", "--n", "1")
+    assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
+    (tmp_path / "afile").write_text("in the way")
+    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "afile" / "x.png"), "--prompt", "a red circle")
+    assert one_clear_line(r) and "cannot make its folder" in r.stderr
+
+
+def test_train_out_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    r = run("train.py", *SMALL, "--max-steps", "2", "--out", str(tmp_path / "run"), timeout=60)
+    assert one_clear_line(r) and "is a file" in r.stderr
+    assert (tmp_path / "run").read_text() == "not a folder"
+
+
+def test_resume_refuses_flags_that_contradict_the_run_and_takes_those_that_may_change(tmp_path, tiny_ckpt):
+    run_dir = tmp_path / "run"
+    shutil.copytree(os.path.dirname(tiny_ckpt), run_dir)
+    before = (run_dir / "ckpt.pt").read_bytes()
+    for flags, says in ((["--method", "flow"], "--method flow (the run has selfe)"),
+                        (["--patch", "4"], "--patch 4 (the run has 8)")):
+        r = run("train.py", "--resume", "--out", str(run_dir), *flags, timeout=60)
+        assert one_clear_line(r) and says in r.stderr, r.stderr
+    assert (run_dir / "ckpt.pt").read_bytes() == before                 # nothing was touched
+    r = run("train.py", "--resume", "--out", str(run_dir), "--max-steps", "3", "--method", "selfe", timeout=300)
+    assert r.returncode == 0 and "done: 3 steps" in r.stdout, r.stderr[-2000:]
+
+
+def test_diagnose_works_on_exported_weights_and_says_so(tmp_path, tiny_ckpt):
+    ck = models.load_checkpoint(tiny_ckpt)
+    models.export_weights(ck, str(tmp_path / "ship.pt"))
+    r = run("-m", "scripts.diagnose", "--ckpt", str(tmp_path / "ship.pt"), "--out", str(tmp_path), timeout=300)
+    assert r.returncode == 0 and "EMA weights only" in r.stdout, r.stderr[-2000:]
+    rows = json.load(open(tmp_path / "diagnose.json"))["rows"]
+    assert all(row["lag"] == 0 for row in rows.values()) and all(row["delta"] > 0 for row in rows.values())

@@ -83,16 +83,22 @@ def test_energy_preserving_target_keeps_the_norm_of_x0():
     assert torch.allclose(cos, torch.ones(5), atol=1e-5)
 
 
-def test_hybrid_loss_minimiser_is_the_weighted_mean():
-    """Eq. 16's minimiser over x0_hat is (x0 + lambda x_self) / (1 + lambda), the direction of Eq. 19."""
-    x0, x_self, lam = torch.randn(3, 4), torch.randn(3, 4), 2.5
-    x = torch.zeros(3, 4, requires_grad=True)
-    opt = torch.optim.SGD([x], lr=0.1)
-    for _ in range(300):
+def test_hybrid_loss_minimiser_points_along_the_energy_preserving_target():
+    """Eq. 16 (the project's per_sample_mse and lambda_st) is minimised at (x0 + lambda x_self) / (1 + lambda),
+    whose direction is that of Eq. 20's target (energy_preserving_target), with ||x0|| as its norm."""
+    g = torch.Generator().manual_seed(0)
+    x0, x_self = torch.randn(3, 1, 2, 2, generator=g), torch.randn(3, 1, 2, 2, generator=g)
+    lam = losses.lambda_st(torch.tensor([0.1, 0.3, 0.0]), torch.tensor([0.5, 0.6, 0.7]))
+    x = torch.zeros(3, 1, 2, 2, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=0.5)
+    for _ in range(400):
         opt.zero_grad()
-        ((x - x0).pow(2).sum() + lam * (x - x_self).pow(2).sum()).backward()
+        (losses.per_sample_mse(x, x0) + lam * losses.per_sample_mse(x, x_self)).sum().backward()
         opt.step()
-    assert torch.allclose(x.detach(), (x0 + lam * x_self) / (1 + lam), atol=1e-4)
+    target = losses.energy_preserving_target(x0, x_self, lam)
+    cos = torch.nn.functional.cosine_similarity(x.detach().flatten(1), target.flatten(1))
+    assert torch.allclose(cos, torch.ones(3), atol=1e-4)
+    assert torch.allclose(losses.norm(target), losses.norm(x0), atol=1e-5)
 
 
 def test_time_weight_is_inverse_square_and_clamped():
