@@ -12,8 +12,8 @@ Both methods train the same architecture with the same batch, seed and wall-cloc
 --max-minutes); each run resumes from its checkpoint if interrupted. Then both are scored with
 ShapesEval at 1, 2, 4, 8 and 50 steps (4 images per prompt), the ablation runs at 1-8 steps, Self-E also
 under sampling ablations (s_k = t_{k+1} / t_k / midpoint, eta 0 / 1, a CFG sweep), and the costs are
-measured in one process. Writes <out>/results.json (every number) and results.md (the tables), and the
-README's figures overall_vs_steps.png, ablations.png and grid.png to --assets.
+measured in one process. Writes <out>/results.json (every number) and results.md (the tables), and
+the figures overall_vs_steps.png, ablations.png and grid.png to --assets (default: the study's folder).
 Finished pieces are cached in results.json, so a re-run only does what is missing.
 Budgets are CPU-minutes of each run's own process (train.py --clock cpu), so a run that shares the machine
 still gets its compute.
@@ -60,8 +60,10 @@ GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow cir
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench")
-    p.add_argument("--assets", default="assets", help="where the README's figures go")
+    p.add_argument("--out", default=None,
+                   help="the study's folder (default bench/curves with --curves, bench/ablations with --ablations, "
+                        "else bench/compare): one study, one folder")
+    p.add_argument("--assets", default=None, help="where its figures go (default: --out)")
     p.add_argument("--minutes", type=float, default=30.0, help="training budget per run (CPU-minutes)")
     p.add_argument("--ablations", action="store_true", help="also train the three Self-E ablations")
     p.add_argument("--curves", action="store_true", help="learning curves instead (see above)")
@@ -72,7 +74,10 @@ def get_args():
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs at a time; with 2 on 2 cores each run gets one core (one thread)")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run")
-    return p.parse_args()
+    args = p.parse_args()
+    args.out = args.out or os.path.join("bench", "curves" if args.curves else "ablations" if args.ablations else "compare")
+    args.assets = args.assets or args.out
+    return args
 
 
 def train(names, args):

@@ -2,6 +2,7 @@
 
     python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt              # what the jumps learn from, per time t
     python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt --fewstep    # where the 1- and 2-step samples go wrong
+    python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt --jvp        # MeanFlow's JVP terms, one by one
 
 Exported weights (checkpoints/shapes_tiny_selfe.pt) hold the EMA only: the first study then uses the EMA for
 the live weights too, so its lag between live and EMA weights reads 0 (it says so).
@@ -126,6 +127,28 @@ def fewstep(ckpt, per_task=50, n=4, seed=0):
     return out
 
 
+def jvp_terms(ckpt, n=64, seed=99):
+    """MeanFlow's du/dt = v d_z u + d_t u (its Eq. 8) at u = V(x_t, t, r = 0, c), the one-step jump, term by term:
+    RMS per pixel of u, v = eps - x0, v d_z u and d_t u, per t. d_t u runs through the time features
+    sin(time_scale * t): it is what a large scale inflates (train.py --time-scale)."""
+    cfg = ckpt["config"]
+    tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
+    net = models.from_checkpoint(ckpt, tok.vocab_size)
+    x0, captions = data.shapes_batch(seed, 0, n, cfg["image_size"])
+    ids, g = tok(captions), torch.Generator().manual_seed(seed)
+    r_ = lambda x: x.pow(2).mean().sqrt().item()
+    rows = {}
+    for t_ in TIMES:
+        t, r = torch.full((n,), t_), torch.zeros(n)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t, v = losses.add_noise(x0, eps, t), eps - x0
+        with torch.no_grad(), losses.sdpa_kernel(losses.SDPBackend.MATH):
+            u, dz = torch.func.jvp(lambda z: net(z, t, r, ids), (x_t,), (v,))
+            _, dt = torch.func.jvp(lambda tt: net(x_t, tt, r, ids), (t,), (torch.ones_like(t),))
+        rows[str(t_)] = dict(u=r_(u), v=r_(v), v_dz_u=r_(dz), dt_u=r_(dt), target_minus_v=r_(t_ * (dz + dt)))
+    return dict(time_scale=net.t_embed.scale, method=cfg["method"], step=ckpt["step"], rows=rows)
+
+
 def print_fewstep(res):
     tasks = list(data.TASKS) + ["overall"]
     print("1 step, sampler's s | " + " | ".join(tasks))
@@ -145,6 +168,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--fewstep", action="store_true", help="the few-step study instead (see above)")
+    p.add_argument("--jvp", action="store_true", help="instead: MeanFlow's JVP terms at this checkpoint (jvp_terms)")
     p.add_argument("--per-task", type=int, default=50, help="--fewstep: ShapesEval prompts per task")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
     args = p.parse_args()
@@ -153,6 +177,13 @@ def main():
         p.error("diagnose.py measures on shapes images: give a checkpoint trained with --dataset shapes")
     out_dir = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     os.makedirs(out_dir, exist_ok=True)
+    if args.jvp:
+        res = jvp_terms(ckpt)
+        print(f"{res['method']}, time features sin({res['time_scale']:g} t), step {res['step']}: RMS per pixel at r = 0")
+        for t, row in res["rows"].items():
+            print(f"t = {t}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        json.dump(res, open(os.path.join(out_dir, "jvp_terms.json"), "w"), indent=1)
+        return
     if args.fewstep:
         res = fewstep(ckpt, args.per_task)
         print_fewstep(res)

@@ -102,11 +102,11 @@ def test_shipped_weights_are_fp16_only_when_no_score_moves(tmp_path, monkeypatch
 
 def test_shipped_weights_reproduce_the_committed_scores_at_1_and_2_steps():
     """checkpoints/shapes_tiny_selfe.pt, scored as README says (`evaluate.py --ckpt <it>`), gives the numbers
-    in bench/results.json["shipped"] within 0.01 (the 1- and 2-step rows: 50 steps would take minutes)."""
+    in bench/curves/results.json["shipped"] within 0.01 (the 1- and 2-step rows: 50 steps would take minutes)."""
     import json
     import evaluate
     import sample
-    shipped = json.load(open(os.path.join(ROOT, "bench", "results.json")))["shipped"]
+    shipped = json.load(open(os.path.join(ROOT, "bench", "curves", "results.json")))["shipped"]
     net, tok, cfg = sample.load(os.path.join(ROOT, shipped["path"]))
     assert cfg["method"] == "selfe" and net.training is False
     rows = evaluate.evaluate(sample.make_generate(net, tok, cfg), [1, 2], 50, 4, cfg["image_size"], seed=0)

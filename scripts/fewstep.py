@@ -1,0 +1,62 @@
+"""The few-step speedrun's table (issue: Self-E's 1-2 step samples): collect the finished runs of
+scripts/fewstep_job.sh into bench/fewstep/results.json and results.md.
+
+    bash scripts/fewstep_job.sh selfe_cons0.25_s0 --consistency 0.25    # one run: 30 CPU-minutes, then scored
+    python -m scripts.fewstep                                           # the table
+
+Every run: the adopted recipe (tiny, patch 8, Muon, lr 4e-3, batch 64, seed 0 unless its flags say otherwise)
+for 30 CPU-minutes on one thread (--clock cpu), a snapshot at 15, each scored with ShapesEval on the full
+prompt set (50 per task x 4 images) at 1 / 2 / 4 / 8 / 50 steps with its method's default sampler.
+"""
+import json
+import os
+
+import model as models
+
+OUT = os.path.join("bench", "fewstep")
+TASKS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+
+
+def collect(runs_dir=os.path.join(OUT, "runs")):
+    res = {}
+    for name in sorted(os.listdir(runs_dir)):
+        d = os.path.join(runs_dir, name)
+        evals = {m: os.path.join(d, f"eval{m}", "shapes_eval.json") for m in ("15", "30")}
+        if not os.path.isdir(d) or not os.path.exists(evals["30"]):
+            continue
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        ck = {m: models.load_checkpoint(os.path.join(d, "ckpt.pt" if m == "30" else "ckpt_15min.pt")) for m in evals}
+        res[name] = dict(method=cfg["method"], argv={k: cfg[k] for k in cfg.get("given", []) if k in cfg},
+                         **{m: dict(steps=ck[m]["step"], cpu_minutes=round(ck[m]["elapsed"] / 60, 2),
+                                    rows=json.load(open(evals[m]))["rows"]) for m in evals if os.path.exists(evals[m])})
+    return res
+
+
+def table(res, budget="30"):
+    lines = [f"| run ({budget} CPU-min) | flags | optimiser steps | 1 | 2 | 4 | 8 | 50 | 2 steps: " +
+             " / ".join(TASKS) + " |", "|---" * 9 + "|"]
+    for name, r in res.items():
+        if budget not in r:
+            continue
+        rows = r[budget]["rows"]
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["argv"].items()
+                         if k not in ("out", "max_minutes", "clock", "seed", "sample_every", "snapshots"))
+        lines.append(f"| {name} | {flags or '(adopted recipe)'} | {r[budget]['steps']:,} | " +
+                     " | ".join(f"{rows[k]['overall']:.3f}" for k in ("1", "2", "4", "8", "50")) + " | " +
+                     " / ".join(f"{rows['2'][t]:.2f}" for t in TASKS) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    res = collect()
+    json.dump(res, open(os.path.join(OUT, "results.json"), "w"), indent=1)
+    md = ["# Few-step speedrun: 30 CPU-minutes per run, one change at a time", "",
+          "Made by `python -m scripts.fewstep` from `results.json`; see `scripts/fewstep.py` for the protocol.", "",
+          table(res, "30"), "", "The 15-minute snapshots of the same runs (one learning-rate schedule of 30 minutes):", "",
+          table(res, "15"), ""]
+    open(os.path.join(OUT, "results.md"), "w").write("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
