@@ -86,7 +86,8 @@ def test_a_few_good_samples_among_many_bad_still_train(tmp_path):
 
 # ---- 2. interrupted and diverging runs --------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], ["--fake-start", "0"]], ids=["plain", "fake-term"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--fake-start", "0"], marks=pytest.mark.slow)],
+                         ids=["plain", "fake-term"])
 def test_sigterm_saves_and_resume_is_exact(tmp_path, extra):
     """Bit for bit; with the fake-score term on, the riders (landings waiting for the next step) are saved too."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -14,15 +14,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process_on_the_combined_batch():
     r = subprocess.run([*TORCHRUN, "tests/ddp_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "DDP OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_train_under_torchrun_then_resume_in_one_process(tmp_path):
     out = str(tmp_path / "run")
     args = ["train.py", "--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
-            "--ckpt-every", "2", "--out", out]
+            "--ckpt-every", "2", "--grad-accum", "2", "--out", out]  # micro-steps under DDP: no_sync, then sync
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*TORCHRUN, *args, "--max-steps", "4"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=env)

@@ -109,7 +109,8 @@ def test_flow_method_and_fake_term_run(tmp_path):
     assert cfg["method"] == "flow"
 
 
-@pytest.mark.parametrize("method", golden.METHODS)
+@pytest.mark.parametrize("method", [pytest.param(m, marks=[] if m == "selfe" else pytest.mark.slow)
+                                    for m in golden.METHODS])
 def test_training_matches_the_golden_fingerprints(tmp_path, method):
     """6 seeded steps give the weights tests/golden.json holds (made by tests/golden.py): a refactor that
     changes one random draw or one term fails here. The tolerance allows for other CPUs' float kernels and
