@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "tests", "golden.json")
 FLAGS = ["--max-steps", "6", "--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--warmup", "2",
          "--tau-anneal", "0.4", "--fake-start", "0.5", "--seed", "3", "--patch", "4", "--optimizer", "adam",
-         "--lr", "1e-3"]
+         "--lr", "1e-3", "--precision", "fp32", "--no-compile"]
 METHODS = ["flow", "selfe", "meanflow"]
 
 

@@ -13,7 +13,8 @@ import torch
 import golden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--batch-size", "32", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2"]
+SMALL = ["--batch-size", "32", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
+         "--precision", "fp32", "--no-compile"]  # on a GPU too: the exactness tests need fp32, eager
 
 
 def run(*args, check=True, timeout=300):
@@ -111,6 +112,7 @@ def test_flow_method_and_fake_term_run(tmp_path):
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=[] if m == "selfe" else pytest.mark.slow)
                                     for m in golden.METHODS])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fingerprints are CPU float numbers (CUDA kernels differ)")
 def test_training_matches_the_golden_fingerprints(tmp_path, method):
     """6 seeded steps give the weights tests/golden.json holds (made by tests/golden.py): a refactor that
     changes one random draw or one term fails here. The tolerance allows for other CPUs' float kernels and
