@@ -67,6 +67,11 @@ def test_each_claim_judged_at_each_budget_and_its_first():
     assert first["selfe@8 >= 0.6"] is None
     assert claims["selfe@2 >= 2 x flow@2"]["at"] == {"15": None, "30": False, "60": True}
     assert claims["selfe@50 >= flow@50 - 0.02"]["at"] == {"15": None, "30": True, "60": True}
+    assert not any("meanflow" in k for k in claims)                          # no MeanFlow curve: no claim
+    curves["curve_meanflow"] = {"30": rows([0.15, 0.25, 0.3, 0.3, 0.3]), "60": rows([0.2, 0.4, 0.5, 0.5, 0.5])}
+    claims = benchmark.claims_by_budget(curves, [15, 30, 60])
+    assert claims["selfe@1 >= meanflow@1"]["at"] == {"30": False, "60": True}   # 0.10 < 0.15; 0.30 >= 0.2; none at 15
+    assert claims["selfe@2 >= meanflow@2"]["at"] == {"30": True, "60": True}
 
 
 def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned():
