@@ -225,13 +225,22 @@ class DiT(nn.Module):
         out = self.unpatchify(self.final(h[:, txt.shape[1]:], c))    # image tokens only: (B, C, H, W)
         if self.prediction == "v":
             return out
-        # x-prediction: the head predicts the clean image and V follows from Eq. 6, V = (x_t - x0_hat) / t
-        return (x - out) / t.clamp_min(1e-4).view(-1, 1, 1, 1)
+        return velocity(x, t, out)  # x-prediction: the head predicts the clean image, V follows from Eq. 6
+
+
+def clean(x_t, t, v):
+    """x_t - t V: the clean sample a velocity implies (Eq. 6); t (B,)."""
+    return x_t - t.view(-1, 1, 1, 1) * v
+
+
+def velocity(x_t, t, x0_hat):
+    """V = (x_t - x0_hat) / t: the velocity a clean-sample prediction implies (Eq. 6 solved for V); t (B,)."""
+    return (x_t - x0_hat) / t.clamp_min(1e-4).view(-1, 1, 1, 1)
 
 
 def G(model, x_t, t, s, ids):
     """The clean-sample head G(x_t, t, s, c) = x_t - t V(x_t, t, s, c)   (Eq. 6)."""
-    return x_t - t.view(-1, 1, 1, 1) * model(x_t, t, s, ids)
+    return clean(x_t, t, model(x_t, t, s, ids))
 
 
 def build(size, vocab_size, max_text_len, image_size, prediction="x", **overrides):

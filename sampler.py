@@ -11,6 +11,7 @@ One step costs one network evaluation per image (two with guidance).
 import torch
 
 from losses import alpha, bcast, norm, shift, sigma
+from model import clean
 
 
 # Each method's default sampler, the one place they live (sample.sampling_defaults reads them):
@@ -59,7 +60,7 @@ def sample(model, ids, null_ids, steps, mu, shape, omega=1.0, eta=0.0, s_mode="n
         else:  # conditional and unconditional in one batch: 2 evaluations per image
             v_c, v_u = model(torch.cat([x, x]), tb.repeat(2), sb.repeat(2), torch.cat([ids, null])).chunk(2)
             v = ep_cfg(v_c, v_u, omega)
-        x0_hat = x - t * v                                                      # G = x_t - t V (Eq. 6)
+        x0_hat = clean(x, tb, v)                                                # G = x_t - t V (Eq. 6)
         eps_hat = (x - alpha(t) * x0_hat) / sigma(t)                            # the noise x_t implies
         # DDIM posterior noise level at t_next (0 when t_next = 0, everything fresh when t = 1)
         ratio = (alpha(t) * sigma(t_next) / (alpha(t_next) * sigma(t))) if t_next > 0 else 0.0

@@ -89,7 +89,7 @@ def test_toy_demo_selfe_lands_on_the_modes_in_one_step():
     """toy.py's 2-D mixture, a short run (500 steps): Self-E's one-step samples are closer to their label's
     modes than flow matching's. Measured for seeds 0 / 1 / 2: flow 0.309 / 0.276 / 0.279, Self-E 0.219 / 0.206 /
     0.211 (LOG.md); at toy.py's 1,500 steps 0.275 vs 0.109."""
-    import toy
+    from scripts import toy
     d = {m: toy.distance_to_modes(*toy.generate(toy.train(m, 500, seed=0), m, 1)) for m in ("flow", "selfe")}
     assert d["selfe"] < d["flow"] - 0.04, d
     assert 0.2 < d["flow"] < 0.4, d   # flow matching: between the modes, near each label's mean

@@ -1,6 +1,6 @@
 """Self-E in one CPU-minute: flow matching and Self-E on a labelled 2-D mixture, same losses.py and sampler.py.
 
-    python toy.py                  # trains both (about a minute on one core), writes assets/toy.png
+    python -m scripts.toy          # trains both (about a minute on one core), writes bench/toy/toy.png
 
 The data: six modes on a circle of radius 1. Each of three labels owns one mode (drawn 60% of the time) and
 shares the two modes beside it with its neighbours (20% each). A "prompt" is a label; the empty prompt is
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import losses
-from model import TimeMLP, ema_update
+from model import TimeMLP, ema_update, velocity
 from sampler import DEFAULTS, sample
 
 LABELS = 3
@@ -65,7 +65,7 @@ class ToyNet(nn.Module):
     def forward(self, x, t, s, ids):
         c = self.t_embed(t) + self.s_embed(t - s) + self.label(ids[:, 0])       # (B, width)
         x0_hat = self.mlp(torch.cat([x.flatten(1), c], 1)).view_as(x)           # (B, 2, 1, 1)
-        return (x - x0_hat) / t.clamp_min(1e-4).view(-1, 1, 1, 1)
+        return velocity(x, t, x0_hat)
 
 
 def train(method, steps=1500, B=256, seed=0, lr=2e-3):
@@ -157,7 +157,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500, help="training steps per method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="assets/toy.png")
+    p.add_argument("--out", default="bench/toy/toy.png")
     args = p.parse_args()
     if args.steps < 1:
         p.error("--steps must be at least 1")
