@@ -239,7 +239,7 @@ def grid(res, args, names=("flow", "selfe"), path=None):
             images[steps] = data.to_uint8(gen([p for p in GRID_PROMPTS for _ in range(2)], steps))
         g = sample.grid_image(images, GRID_PROMPTS, STEPS, 2)
         title = Image.new("RGB", (g.width, 18), (255, 255, 255))
-        label = {"flow": "flow matching", "selfe": "Self-E", "meanflow": "MeanFlow"}[name.replace("curve_", "")]
+        label = {"flow": "flow matching", "selfe": "Self-E", "meanflow": "MeanFlow"}[cfg["method"]]
         ImageDraw.Draw(title).text((4, 3), label, fill=(0, 0, 0))
         blocks += [title, g]
     out = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))

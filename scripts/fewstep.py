@@ -2,12 +2,14 @@
 scripts/fewstep_job.sh into bench/fewstep/results.json and results.md.
 
     bash scripts/fewstep_job.sh selfe_cons0.25_s0 --consistency 0.25    # one run: 30 CPU-minutes, then scored
+    bash scripts/fewstep_half.sh selfe_ts10_s0 --time-scale 10          # or only to its 15-minute snapshot
     python -m scripts.fewstep                                           # the table
 
 Every run: the adopted recipe (tiny, patch 8, Muon, lr 4e-3, batch 64, seed 0 unless its flags say otherwise)
 for 30 CPU-minutes on one thread (--clock cpu), a snapshot at 15, each scored with ShapesEval on the full
 prompt set (50 per task x 4 images) at 1 / 2 / 4 / 8 / 50 steps with its method's default sampler.
 """
+import argparse
 import json
 import os
 
@@ -22,13 +24,14 @@ def collect(runs_dir=os.path.join(OUT, "runs")):
     for name in sorted(os.listdir(runs_dir)):
         d = os.path.join(runs_dir, name)
         evals = {m: os.path.join(d, f"eval{m}", "shapes_eval.json") for m in ("15", "30")}
-        if not os.path.isdir(d) or not os.path.exists(evals["30"]):
+        evals = {m: path for m, path in evals.items() if os.path.exists(path)}  # a half run has the 15 only
+        if not evals:
             continue
         cfg = json.load(open(os.path.join(d, "config.json")))
         ck = {m: models.load_checkpoint(os.path.join(d, "ckpt.pt" if m == "30" else "ckpt_15min.pt")) for m in evals}
         res[name] = dict(method=cfg["method"], argv={k: cfg[k] for k in cfg.get("given", []) if k in cfg},
                          **{m: dict(steps=ck[m]["step"], cpu_minutes=round(ck[m]["elapsed"] / 60, 2),
-                                    rows=json.load(open(evals[m]))["rows"]) for m in evals if os.path.exists(evals[m])})
+                                    rows=json.load(open(evals[m]))["rows"]) for m in evals})
     return res
 
 
@@ -49,10 +52,15 @@ def table(res, budget="30"):
 
 def main():
     res = collect()
+    trio = [n for n in ("flow_s0", "selfe_s0", "meanflow_s0") if n in res]
+    if trio and not os.path.exists(os.path.join(OUT, "grid.png")):  # the three methods' samples, 1-50 steps
+        from scripts import benchmark
+        benchmark.grid(res, argparse.Namespace(out=OUT, seed=0), trio, os.path.join(OUT, "grid.png"))
     json.dump(res, open(os.path.join(OUT, "results.json"), "w"), indent=1)
     md = ["# Few-step speedrun: 30 CPU-minutes per run, one change at a time", "",
           "Made by `python -m scripts.fewstep` from `results.json`; see `scripts/fewstep.py` for the protocol.", "",
-          table(res, "30"), "", "The 15-minute snapshots of the same runs (one learning-rate schedule of 30 minutes):", "",
+          table(res, "30"), "", "The 15-minute snapshots (one learning-rate schedule of 30 minutes; runs stopped there by "
+          "`scripts/fewstep_half.sh` have this row only):", "",
           table(res, "15"), ""]
     open(os.path.join(OUT, "results.md"), "w").write("\n".join(md))
     print("\n".join(md))
