@@ -1,5 +1,6 @@
 """Scale-out on a CPU-only machine: DDP with gloo (2 processes), bf16 autocast, torch.compile."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,16 @@ def test_compiled_step_matches_eager_and_does_not_recompile():
         opt.zero_grad()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs  # no recompiles
+
+
+@pytest.mark.slow
+def test_meanflow_under_torchrun_takes_its_jvp_outside_ddp(tmp_path):
+    """torch.func.jvp cannot run through a DDP module: MeanFlow's JVP runs on the plain module (no gradient) and
+    the gradient pass goes through DDP, so the ranks stay in step (the checkpoint is rank 0's weights)."""
+    out = str(tmp_path / "mf")
+    r = subprocess.run([*TORCHRUN, "train.py", "--method", "meanflow", "--batch-size", "8", "--max-steps", "3",
+                        "--max-minutes", "0", "--sample-every", "0", "--log-every", "1", "--out", out], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "done: 3 steps" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    rec = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(rec) == 3 and all(x["dudt"] > 0 for x in rec)
