@@ -132,7 +132,7 @@ def get_args(argv=None):
                    help="also keep a copy of the checkpoint as ckpt_<M>min.pt when the budget clock passes M "
                         "minutes (learning curves)")
     g.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale omega stored for sampling (default 1.0 for selfe, 2.0 for flow)")
+                   help="guidance scale omega stored for sampling (default: sampler.DEFAULTS, 2.0 for flow, else 1.0)")
     args = p.parse_args(argv)
     args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
     if args.time_scale is None and args.method == "meanflow":
