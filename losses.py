@@ -360,11 +360,10 @@ class MeanFlow(FlowMatching):
         matching's data term), jump = ||u - u_tgt||^2 per pixel where r < t, dudt = RMS of du/dt there."""
         x_t = add_noise(x0, eps, t)
         v = eps - x0                                                       # dz/dt of x_t = (1 - t) x0 + t eps
-        has_caption = (ids != 0).any(1)
         if self.omega != 1.0:                                              # Eq. 19 (kappa = 0), captioned only
             with torch.no_grad():
                 u_phi = self.jvp_net(x_t, t, t, self.null_ids.expand(len(t), -1))
-            v = torch.where(bcast(has_caption), self.omega * v + (1 - self.omega) * u_phi, v)
+            v = torch.where(bcast((ids != 0).any(1)), self.omega * v + (1 - self.omega) * u_phi, v)
         u_tgt = v.clone()
         if len(jump) > 0:
             _, dudt = meanflow_dudt(self.jvp_net, x_t[jump], t[jump], s[jump], ids[jump], v[jump])
