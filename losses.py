@@ -190,16 +190,18 @@ class SelfE(FlowMatching):
     (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8); k as in Eq. s.6.
     Beyond the paper (ours, off by default; bench/fewstep measures them):
     lambda_max: caps lambda_{s,t}, so the data x0 keeps a share >= 1 / (1 + lambda_max) of the target near t = 1;
-    consistency: this share of the jumps regresses on MeanFlow's target (Eq. 10 of 2505.13447) instead of
-    self-evaluation (jvp_net: the plain module for its JVP)."""
+    consistency: this share of the jumps regresses on a consistency target instead of self-evaluation:
+    consistency_target "meanflow" (Eq. 10 of 2505.13447; jvp_net: the plain module for its JVP) or "shortcut"
+    (the model's own two half jumps t -> m -> s, as in shortcut models, arXiv 2410.12557; no JVP)."""
 
     def __init__(self, tok, mu, evaluator, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
                  fake_start=None, k=0.9, generator=None, device="cpu", lambda_max=None, consistency=0.0,
-                 jvp_net=None):
+                 jvp_net=None, consistency_target="meanflow"):
         super().__init__(tok, mu, caption_dropout, generator, device)
         self.evaluator, self.live, self.tau_anneal = evaluator, live, tau_anneal
         self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
         self.lambda_max, self.consistency, self.jvp_net = lambda_max, consistency, jvp_net
+        self.consistency_target = consistency_target
         self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
 
     def times(self, batch, progress):
@@ -276,15 +278,20 @@ class SelfE(FlowMatching):
         return (time_weight(rider["s"]) * per_sample_mse(out_fake, rider["x0_hat"])).sum() / B
 
     def consistency_override(self, per_sample, x0_hat, x0, x_t, ids, t, s, jump, eps):
-        """Ours (--consistency): the first share of the jumps regresses on MeanFlow's target (its Eq. 10) instead,
-        as a G target x_t - t u_tgt, so that w_t ||G - (x_t - t u_tgt)||^2 = ||V - u_tgt||^2."""
+        """Ours (--consistency): the first share of the jumps regresses on a consistency target V_tgt instead, as a
+        G target x_t - t V_tgt, so that w_t ||G - (x_t - t V_tgt)||^2 = ||V - V_tgt||^2. V_tgt is MeanFlow's u_tgt
+        (its Eq. 10) or the shortcut target (two half jumps of the live model)."""
         mj = jump[:round(self.consistency * len(jump))]
         if len(mj) == 0:
             return per_sample
-        v = eps[mj] - x0[mj]
-        _, dudt = meanflow_dudt(self.jvp_net, x_t[mj], t[mj], s[mj], ids[mj], v)
+        if self.consistency_target == "shortcut":
+            v_tgt = shortcut_target(self.live, x_t[mj], t[mj], s[mj], ids[mj])
+        else:
+            v = eps[mj] - x0[mj]
+            _, dudt = meanflow_dudt(self.jvp_net, x_t[mj], t[mj], s[mj], ids[mj], v)
+            v_tgt = meanflow_target(v, t[mj], s[mj], dudt)
         per_sample = per_sample.clone()
-        per_sample[mj] = per_sample_mse(x0_hat[mj], x_t[mj] - bcast(t[mj]) * meanflow_target(v, t[mj], s[mj], dudt))
+        per_sample[mj] = per_sample_mse(x0_hat[mj], x_t[mj] - bcast(t[mj]) * v_tgt)
         return per_sample
 
     @staticmethod
@@ -330,6 +337,17 @@ def meanflow_dudt(net, x_t, t, r, ids, v):
 def meanflow_target(v, t, r, dudt):
     """u_tgt = v - (t - r) du/dt, the MeanFlow identity (Eq. 10); u_tgt = v where r = t (flow matching)."""
     return v - bcast(t - r) * dudt
+
+
+@torch.no_grad()
+def shortcut_target(net, x_t, t, s, ids):
+    """V_tgt = (x_t - x_s') / (t - s) for two half jumps of the model itself, x_m = x_t - (t - m) V(x_t, t, m, c),
+    x_s' = x_m - (m - s) V(x_m, m, s, c), m = (t + s) / 2: the semigroup property of the any-step map (ours for
+    Self-E; the self-consistency target of shortcut models, arXiv 2410.12557). Needs no time derivative."""
+    m = (t + s) / 2
+    v1 = net(x_t, t, m, ids)
+    v2 = net(x_t - bcast(t - m) * v1, m, s, ids)
+    return (v1 + v2) / 2
 
 
 def adaptive_weight(err, p=1.0, c=1e-3):

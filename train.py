@@ -62,8 +62,13 @@ def check_args(p, args):
             p.error(msg)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block first
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<dataset> for selfe, runs/<dataset>-<method> otherwise)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
@@ -108,7 +113,9 @@ def get_args(argv=None):
     g.add_argument("--lambda-max", type=float, default=None,
                    help="selfe, ours: cap lambda_{s,t} (Eq. 17), a floor 1/(1+cap) on the data share of the target")
     g.add_argument("--consistency", type=float, default=0.0,
-                   help="selfe, ours: share of the jumps trained on MeanFlow's target instead of self-evaluation")
+                   help="selfe, ours: share of the jumps trained on a consistency target instead of self-evaluation")
+    g.add_argument("--consistency-target", default="meanflow", choices=["meanflow", "shortcut"],
+                   help="selfe, ours: that target: MeanFlow's (by a JVP) or the model's own two half jumps")
     g.add_argument("--meanflow-cfg", type=float, default=1.0,
                    help="meanflow: guidance omega folded into the target (MeanFlow Eq. 19; 1 = none)")
     g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
@@ -285,6 +292,7 @@ def make_method(args, tok, raw, ema, gen, device, ddp, local):
     return losses.SelfE(tok, mu, evaluator, live, args.caption_dropout, args.tau_anneal,
                         energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start, k=args.fake_k,
                         lambda_max=args.lambda_max, consistency=args.consistency, jvp_net=raw,
+                        consistency_target=args.consistency_target,
                         generator=gen, device=device), net
 
 

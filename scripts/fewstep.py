@@ -2,7 +2,7 @@
 scripts/fewstep_job.sh into bench/fewstep/results.json and results.md.
 
     bash scripts/fewstep_job.sh selfe_cons0.25_s0 --consistency 0.25    # one run: 30 CPU-minutes, then scored
-    bash scripts/fewstep_half.sh selfe_ts10_s0 --time-scale 10          # or only to its 15-minute snapshot
+    HALF=1 bash scripts/fewstep_job.sh selfe_ts10_s0 --time-scale 10    # or only to its 15-minute snapshot
     python -m scripts.fewstep                                           # the table
 
 Every run: the adopted recipe (tiny, patch 8, Muon, lr 4e-3, batch 64, seed 0 unless its flags say otherwise)
@@ -60,7 +60,7 @@ def main():
     md = ["# Few-step speedrun: 30 CPU-minutes per run, one change at a time", "",
           "Made by `python -m scripts.fewstep` from `results.json`; see `scripts/fewstep.py` for the protocol.", "",
           table(res, "30"), "", "The 15-minute snapshots (one learning-rate schedule of 30 minutes; runs stopped there by "
-          "`scripts/fewstep_half.sh` have this row only):", "",
+          "`HALF=1 scripts/fewstep_job.sh` have this row only):", "",
           table(res, "15"), ""]
     open(os.path.join(OUT, "results.md"), "w").write("\n".join(md))
     print("\n".join(md))

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 
-
 from scripts import runs
 
 # The configs and the baseline they start from are data, beside their results: bench/search/configs.json
@@ -61,7 +60,7 @@ def run_one(name, args):
         os.path.join(out + ".log") + " 2>&1"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     print(cmd, flush=True)
-    return out, subprocess.Popen(cmd, shell=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out, subprocess.Popen(cmd, shell=True, env=runs.threads_env(args.jobs))
 
 
 def score_full(names, res, args):
@@ -72,8 +71,7 @@ def score_full(names, res, args):
         for name in todo[i:i + args.jobs]:
             run = os.path.join(args.out, "runs", name)
             cmd = runs.eval_cmd(os.path.join(run, "ckpt.pt"), os.path.join(run, "full"), 50, 4, args.steps)
-            procs.append((name, run, subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                                      stdout=subprocess.DEVNULL)))
+            procs.append((name, run, subprocess.Popen(cmd, env=runs.threads_env(args.jobs), stdout=subprocess.DEVNULL)))
         for name, run, p in procs:
             if p.wait() != 0:
                 raise SystemExit(f"error: scoring {name} failed (exit {p.returncode})")

@@ -121,3 +121,21 @@ def test_trains_samples_in_one_step_and_is_scored(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(tmp_path / "shapes_eval.json"))["rows"]
     assert set(rows) == {"1"} and 0 <= rows["1"]["overall"] <= 1
+
+
+def test_shortcut_target_keeps_the_exact_map_and_moves_a_wrong_one():
+    """Data at one point c: the flow is x_t = c + t k, so the exact average velocity from t to s is (x - c) / t for
+    every s. Two half jumps of that map land where one jump does (a fixed point of the shortcut target); a map
+    that ignores c is moved towards the exact one."""
+    c = torch.full((3, 1, 2, 2), 0.5, dtype=torch.float64)
+    exact = lambda x, t, s, ids: (x - c) / losses.bcast(t)
+    wrong = lambda x, t, s, ids: x * (1 + losses.bcast(s))              # depends on s: not consistent
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
+    s = torch.tensor([0.0, 0.2, 0.1], dtype=torch.float64)
+    x_t = losses.add_noise(c, torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64), t)
+    assert torch.allclose(losses.shortcut_target(exact, x_t, t, s, None), exact(x_t, t, s, None))
+    err = lambda f: (f(x_t, t, s, None) - exact(x_t, t, s, None)).abs().max()
+    tgt = losses.shortcut_target(wrong, x_t, t, s, None)
+    assert not torch.allclose(tgt, wrong(x_t, t, s, None))
+    assert (tgt - exact(x_t, t, s, None)).abs().max() < err(wrong)     # the target is nearer the exact map

@@ -1,6 +1,5 @@
 """CC3M webdataset shards and folders: broken files skipped and counted, shards split without overlap."""
 import io
-import os
 import subprocess
 import sys
 import tarfile

@@ -105,6 +105,7 @@ def test_shipped_weights_are_fp16_only_when_no_score_moves(tmp_path, monkeypatch
         assert res["shipped"]["max_diff_vs_fp32"] == pytest.approx(shift if want == "fp16" else 0.0)
 
 
+@pytest.mark.slow  # 14 s: a full evaluation of the shipped file
 def test_shipped_weights_reproduce_the_committed_scores_at_1_and_2_steps():
     """checkpoints/shapes_tiny_selfe.pt, scored as README says (`evaluate.py --ckpt <it>`), gives the numbers
     in bench/curves/results.json["shipped"] within 0.01 (the 1- and 2-step rows: 50 steps would take minutes)."""
