@@ -104,3 +104,34 @@ def test_fake_branch_rides_in_the_batch():
     fake_l = losses.time_weight(rider["s"]) * (P.detach()[B:] - rider["x0_hat"]).pow(2).flatten(1).mean(1)
     assert abs(parts["fake"] - fake_l.sum().item() / B) < 1e-5   # Eq. s.8, riders counted as batch samples
     assert abs(total.item() - parts["target"] - parts["fake"]) < 1e-5   # the logged terms are what is minimised
+
+
+class Scaled(torch.nn.Module):
+    """V(x, t, s) = a x (1 + s) with one parameter a: depends on s, so two half jumps differ from one jump."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, t, s, ids):
+        return self.a * x * (1 + s.view(-1, 1, 1, 1))
+
+
+def test_consistency_share_regresses_on_the_shortcut_target():
+    """--consistency 1 --consistency-target shortcut: every jump's loss is ||V - V_tgt||^2 with V_tgt from two
+    half jumps of the live net, every s = t sample keeps flow matching's ||G - x0||^2 (Eq. 7); lambda plays no part."""
+    x0, ids, t, s, jump, eps, eps2 = setup(8)
+    net = Scaled()
+    method = losses.SelfE(null_tok(), 0.0, evaluator=net, live=net, consistency=1.0, consistency_target="shortcut")
+    total, _, _ = method.step_loss(net, x0, ids, t, s, jump, eps, eps2)
+    x_t = losses.add_noise(x0, eps, t)
+    with torch.no_grad():
+        G = losses.G(net, x_t, t, s, ids)
+        want = losses.per_sample_mse(G, x0)
+        v_tgt = losses.shortcut_target(net, x_t[jump], t[jump], s[jump], ids[jump])
+        want[jump] = losses.per_sample_mse(G[jump], x_t[jump] - losses.bcast(t[jump]) * v_tgt)
+        want = (losses.time_weight(t) * want).mean()
+    assert torch.allclose(total, want, rtol=1e-5)
+    # and it differs from self-evaluation's target on the same draws
+    plain, _, _ = losses.SelfE(null_tok(), 0.0, evaluator=net, live=net).step_loss(net, x0, ids, t, s, jump, eps, eps2)
+    assert not torch.allclose(total, plain, rtol=1e-3)
