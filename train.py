@@ -63,7 +63,8 @@ def check_args(p, args):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's 20-line usage block first
+    def error(self, message):
+        """One line, not argparse's 20-line usage block first."""
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 

@@ -240,6 +240,9 @@ def grid(res, args, names=("flow", "selfe"), path=None):
         g = sample.grid_image(images, GRID_PROMPTS, STEPS, 2)
         title = Image.new("RGB", (g.width, 18), (255, 255, 255))
         label = {"flow": "flow matching", "selfe": "Self-E", "meanflow": "MeanFlow"}[cfg["method"]]
+        if cfg.get("consistency"):
+            target = cfg.get("consistency_target", "meanflow")
+            label += f", {cfg['consistency']:g} of the jumps on the {target} target (ours)"
         ImageDraw.Draw(title).text((4, 3), label, fill=(0, 0, 0))
         blocks += [title, g]
     out = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))

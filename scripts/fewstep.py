@@ -42,8 +42,9 @@ def table(res, budget="30"):
         if budget not in r:
             continue
         rows = r[budget]["rows"]
+        hidden = ("out", "max_minutes", "clock", "sample_every", "snapshots")  # the protocol's own flags
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["argv"].items()
-                         if k not in ("out", "max_minutes", "clock", "seed", "sample_every", "snapshots"))
+                         if k not in hidden and (k, v) != ("seed", 0))
         lines.append(f"| {name} | {flags or '(adopted recipe)'} | {r[budget]['steps']:,} | " +
                      " | ".join(f"{rows[k]['overall']:.3f}" for k in ("1", "2", "4", "8", "50")) + " | " +
                      " / ".join(f"{rows['2'][t]:.2f}" for t in TASKS) + " |")
@@ -52,10 +53,10 @@ def table(res, budget="30"):
 
 def main():
     res = collect()
-    trio = [n for n in ("flow_s0", "selfe_s0", "meanflow_s0") if n in res]
-    if trio and not os.path.exists(os.path.join(OUT, "grid.png")):  # the three methods' samples, 1-50 steps
+    shown = [n for n in ("flow_s0", "selfe_s0", "selfe_sc0.25_s0", "meanflow_s0") if n in res]
+    if shown and not os.path.exists(os.path.join(OUT, "grid.png")):  # the methods' samples, 1-50 steps
         from scripts import benchmark
-        benchmark.grid(res, argparse.Namespace(out=OUT, seed=0), trio, os.path.join(OUT, "grid.png"))
+        benchmark.grid(res, argparse.Namespace(out=OUT, seed=0), shown, os.path.join(OUT, "grid.png"))
     json.dump(res, open(os.path.join(OUT, "results.json"), "w"), indent=1)
     md = ["# Few-step speedrun: 30 CPU-minutes per run, one change at a time", "",
           "Made by `python -m scripts.fewstep` from `results.json`; see `scripts/fewstep.py` for the protocol.", "",
