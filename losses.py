@@ -81,6 +81,14 @@ def sample_s(t, tau, generator=None):
     return s, order[: B // 2]
 
 
+def grid_pairs(n, mu, generator=None, steps=(1, 2, 4, 8), t_max=1 - 1e-3):
+    """Ours (--grid-jumps): n pairs (t_k, t_{k+1}) of the sampler's schedule (sampler.schedule: t_k = shift(1 - k/N)),
+    N drawn from `steps`, k ~ U{0, ..., N-1}: the jumps a 1-8 step sampler asks for. t clamped like sample_t."""
+    N = torch.tensor(steps, dtype=torch.float)[torch.randint(len(steps), (n,), generator=generator)]
+    k = (torch.rand(n, generator=generator) * N).floor()
+    return shift(1 - k / N, mu).clamp(max=t_max), shift(1 - (k + 1) / N, mu)
+
+
 # -----------------------------------------------------------------------------
 # the loss terms
 
@@ -192,21 +200,28 @@ class SelfE(FlowMatching):
     lambda_max: caps lambda_{s,t}, so the data x0 keeps a share >= 1 / (1 + lambda_max) of the target near t = 1;
     consistency: this share of the jumps regresses on a consistency target instead of self-evaluation:
     consistency_target "meanflow" (Eq. 10 of 2505.13447; jvp_net: the plain module for its JVP) or "shortcut"
-    (the model's own two half jumps t -> m -> s, as in shortcut models, arXiv 2410.12557; no JVP)."""
+    (the model's own two half jumps t -> m -> s, as in shortcut models, arXiv 2410.12557; no JVP);
+    grid_jumps: this share of the jumps takes its (t, s) from the 1/2/4/8-step sampler's schedule (`grid_pairs`);
+    landing_noise: "s" (paper) re-noises and evaluates a landing point at s, "uniform" at s' ~ U(s, t) (as DMD2
+    evaluates its samples at a random level), so that a jump to s = 0 still gets a classifier signal; lambda keeps s."""
 
     def __init__(self, tok, mu, evaluator, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
                  fake_start=None, k=0.9, generator=None, device="cpu", lambda_max=None, consistency=0.0,
-                 jvp_net=None, consistency_target="meanflow"):
+                 jvp_net=None, consistency_target="meanflow", grid_jumps=0.0, landing_noise="s"):
         super().__init__(tok, mu, caption_dropout, generator, device)
         self.evaluator, self.live, self.tau_anneal = evaluator, live, tau_anneal
         self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
         self.lambda_max, self.consistency, self.jvp_net = lambda_max, consistency, jvp_net
-        self.consistency_target = consistency_target
+        self.consistency_target, self.grid_jumps, self.landing_noise = consistency_target, grid_jumps, landing_noise
         self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
 
     def times(self, batch, progress):
         t = sample_t(batch, self.mu, self.gen)
-        return (t, *sample_s(t, tau_schedule(progress, self.tau_anneal), self.gen))
+        s, jump = sample_s(t, tau_schedule(progress, self.tau_anneal), self.gen)
+        if self.grid_jumps > 0:  # ours: a share of the jumps from the sampler's schedule
+            g = jump[:round(self.grid_jumps * len(jump))]
+            t[g], s[g] = grid_pairs(len(g), self.mu, self.gen)
+        return t, s, jump
 
     def loss(self, net, x0, captions, progress):
         captions, ids, t, s, jump, eps, eps2 = self.draw(x0, captions, progress)
@@ -260,6 +275,9 @@ class SelfE(FlowMatching):
         if len(jump) == 0:
             return x_self, lam, None
         tj, sj = t[jump], s[jump]
+        lam_j = lambda_st(sj, tj)                                         # Eq. 17
+        if self.landing_noise == "uniform":  # ours: evaluate the landing point at s' ~ U(s, t); lambda keeps s
+            sj = sj + (tj - sj) * torch.rand(len(jump), generator=self.gen).to(sj.device)
         x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)       # alpha_s sg[x0_hat] + sigma_s eps'
         G_c = G(self.evaluator, x_s_hat, sj, sj, ids[jump])                               # conditional: EMA
         G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1).contiguous())  # uncond.: live
@@ -267,7 +285,7 @@ class SelfE(FlowMatching):
         delta = self_eval_direction(G_phi, G_c, G_fake, self.k)           # Eq. 14 (Eq. s.6 with the fake term)
         has_caption = (ids[jump] != 0).any(1).float()                     # dropped caption: no self-evaluation
         x_self[jump] = self_eval_target(x0_hat[jump], delta * bcast(has_caption))          # Eq. 14
-        lam[jump] = lambda_st(sj, tj) * has_caption                       # Eq. 17
+        lam[jump] = lam_j * has_caption                                   # Eq. 17
         if self.lambda_max is not None:                                   # ours: a floor on the data share
             lam = lam.clamp(max=self.lambda_max)
         return x_self, lam, dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]))

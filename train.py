@@ -50,6 +50,7 @@ def check_args(p, args):
         (not 0 <= args.fake_k <= 1, "--fake-k must be in [0, 1]"),
         (args.lambda_max is not None and args.lambda_max < 0, "--lambda-max must be >= 0"),
         (not 0 <= args.consistency <= 1, "--consistency must be in [0, 1]"),
+        (not 0 <= args.grid_jumps <= 1, "--grid-jumps must be in [0, 1]"),
         (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
          "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
         (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
@@ -117,6 +118,10 @@ def get_args(argv=None):
                    help="selfe, ours: share of the jumps trained on a consistency target instead of self-evaluation")
     g.add_argument("--consistency-target", default="meanflow", choices=["meanflow", "shortcut"],
                    help="selfe, ours: that target: MeanFlow's (by a JVP) or the model's own two half jumps")
+    g.add_argument("--grid-jumps", type=float, default=0.0,
+                   help="selfe, ours: share of the jumps whose (t, s) come from the 1/2/4/8-step sampler's schedule")
+    g.add_argument("--landing-noise", default="s", choices=["s", "uniform"],
+                   help="selfe: evaluate a jump's landing point at s (paper) or at s' ~ U(s, t) (ours)")
     g.add_argument("--meanflow-cfg", type=float, default=1.0,
                    help="meanflow: guidance omega folded into the target (MeanFlow Eq. 19; 1 = none)")
     g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
@@ -139,6 +144,8 @@ def get_args(argv=None):
     g.add_argument("--snapshots", type=float, nargs="*", default=[],
                    help="also keep a copy of the checkpoint as ckpt_<M>min.pt when the budget clock passes M "
                         "minutes (learning curves)")
+    g.add_argument("--snapshot-steps", type=int, nargs="*", default=[],
+                   help="also keep a copy as ckpt_<N>steps.pt after optimiser step N (step-matched learning curves)")
     g.add_argument("--cfg", type=float, default=None,
                    help="guidance scale omega stored for sampling (default: sampler.DEFAULTS, 2.0 for flow, else 1.0)")
     args = p.parse_args(argv)
@@ -213,7 +220,7 @@ def open_run(args, master):
             raise SystemExit(f"error: {ckpt_path} holds exported weights only (no optimiser state); it cannot be "
                              f"resumed")
         may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
-                      "precision", "snapshots"}
+                      "precision", "snapshots", "snapshot_steps"}
         given = {k: getattr(args, k) for k in args.given if k in may_change}
         saved = ckpt["config"]
         stored = lambda k: saved.get("arch", {}).get(k, saved.get(k)) if k in ARCH else saved.get(k)
@@ -293,7 +300,8 @@ def make_method(args, tok, raw, ema, gen, device, ddp, local):
     return losses.SelfE(tok, mu, evaluator, live, args.caption_dropout, args.tau_anneal,
                         energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start, k=args.fake_k,
                         lambda_max=args.lambda_max, consistency=args.consistency, jvp_net=raw,
-                        consistency_target=args.consistency_target,
+                        consistency_target=args.consistency_target, grid_jumps=args.grid_jumps,
+                        landing_noise=args.landing_noise,
                         generator=gen, device=device), net
 
 
@@ -370,7 +378,7 @@ def main(argv=None):
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
             elapsed, stop_now = e[0].item(), bool(e[1].item())
         for m in (m for m in args.snapshots if before < m * 60 <= elapsed):  # copies for learning curves
-            checkpoint(step, elapsed, snapshot_path(args, m))
+            checkpoint(step, elapsed, snapshot_path(args, f"{m:g}min"))
         before = elapsed
         if stop_now or (budget and elapsed >= budget):
             break
@@ -402,6 +410,8 @@ def main(argv=None):
         log.step(step, parts, loss, lr, grad_norm, elapsed, skipped, ddp, device)
         if master and args.sample_every and step % args.sample_every == 0:
             write_grid(ema, tok, args, step, device)
+        if step in args.snapshot_steps:
+            checkpoint(step, clock() - t_start, snapshot_path(args, f"{step}steps"))
         if step % args.ckpt_every == 0:
             checkpoint(step, clock() - t_start)
             last_saved = step
@@ -422,8 +432,8 @@ def main(argv=None):
         raise SystemExit(128 + signal.Signals[stop.signal].value)
 
 
-def snapshot_path(args, minutes):
-    return os.path.join(args.out, f"ckpt_{minutes:g}min.pt")
+def snapshot_path(args, label):
+    return os.path.join(args.out, f"ckpt_{label}.pt")
 
 
 def announce(args, raw, tok, device, world):

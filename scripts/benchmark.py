@@ -52,7 +52,9 @@ RUNS = {  # name: extra train.py arguments
     "selfe_seed1": ["--seed", "1"],                 # Self-E again, another seed: how large is run-to-run noise?
     "curve_flow": ["--method", "flow"],             # --curves: the two learning curves
     "curve_selfe": [],
-    "curve_meanflow": ["--method", "meanflow"],     # --curves: the native few-step baseline (paper Table 2)
+    "curve_meanflow": ["--method", "meanflow", "--meanflow-cfg", "2"],  # --curves: the native few-step baseline
+                                                    # (paper Table 2), guidance folded in: best at 30 min (fewstep)
+    "curve_selfe_fake_late": ["--fake-start", "0.775"],  # --curves: the paper's complete recipe (fake term late)
 }
 SHIPPED = sample.SHIPPED_CKPT  # checkpoints/shapes_tiny_selfe.pt: what sample.py uses when you have no run
 GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
@@ -68,6 +70,9 @@ def get_args():
     p.add_argument("--ablations", action="store_true", help="also train the three Self-E ablations")
     p.add_argument("--curves", action="store_true", help="learning curves instead (see above)")
     p.add_argument("--snapshots", type=float, nargs="*", default=[15, 30, 60], help="--curves: minutes to score")
+    p.add_argument("--match-steps", action="store_true",
+                   help="--curves: train the missing curves to the committed Self-E curve's optimiser steps at each "
+                        "budget (--max-steps, --snapshot-steps) instead of CPU-minutes: on a slower or faster machine")
     p.add_argument("--per-task", type=int, default=50, help="ShapesEval prompts per task")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -77,6 +82,7 @@ def get_args():
     args = p.parse_args()
     args.out = args.out or os.path.join("bench", "curves" if args.curves else "ablations" if args.ablations else "compare")
     args.assets = args.assets or args.out
+    args.steps_at = None  # --match-steps: {budget: optimiser steps}, set by curves()
     return args
 
 
@@ -89,10 +95,13 @@ def train(names, args):
         procs = []
         for name in todo[i:i + args.jobs]:
             out = os.path.join(args.out, "runs", name)
-            flags = ["--max-minutes", str(args.minutes), "--clock", "cpu", "--seed", str(args.seed),
-                     "--sample-every", "0", *RUNS[name], *args.train_args.split()]
+            budget = ["--max-minutes", str(args.minutes), "--clock", "cpu"]
             if name.startswith("curve_"):
-                flags += ["--snapshots", *map(str, args.snapshots)]
+                budget += ["--snapshots", *map(str, args.snapshots)]
+                if args.steps_at:  # --match-steps: the committed Self-E curve's steps, whatever the time
+                    *snaps, last = args.steps_at.values()
+                    budget = ["--max-steps", str(last), "--max-minutes", "0", "--snapshot-steps", *map(str, snaps)]
+            flags = [*budget, "--seed", str(args.seed), "--sample-every", "0", *RUNS[name], *args.train_args.split()]
             cmd = runs.train_cmd(out, flags)
             print(" ".join(cmd), flush=True)
             procs.append((name, out, subprocess.Popen(cmd, env=env)))
@@ -204,6 +213,8 @@ def targets(res):
         "selfe@8 >= 0.6": [o(s, 8), o(s, 8) >= 0.6],
         **({f"selfe@{k} >= meanflow@{k}": [o(s, k), o(m, k), o(s, k) >= o(m, k)] for k in (1, 2)}
            if (m := res["eval"].get("meanflow")) else {}),
+        **({f"late fake term helps: selfe_fake_late@{k} > selfe@{k}": [o(fl, k), o(s, k), o(fl, k) > o(s, k)]
+            for k in (1, 2)} if (fl := res["eval"].get("selfe_fake_late")) else {}),
     }
 
 
@@ -254,26 +265,35 @@ def grid(res, args, names=("flow", "selfe"), path=None):
 
 
 def curves(res, args, save):
-    """Train the two learning-curve runs, score each snapshot and the end, judge the claims at each budget."""
+    """Train the learning-curve runs that results.json lacks, score each snapshot and the end, judge the claims at
+    each budget. With --match-steps every budget is the committed Self-E curve's optimiser steps at that budget."""
     res.setdefault("curves", {})
-    names = ["curve_flow", "curve_selfe", "curve_meanflow"]
-    res["train"] = {**res.get("train", {}), **train(names, args)}
-    save()
+    names = ["curve_flow", "curve_selfe", "curve_meanflow", "curve_selfe_fake_late"]
     budgets = sorted({*args.snapshots, args.minutes})
-    for name in names:
+    todo = [n for n in names if any(f"{m:g}" not in res["curves"].get(n, {}) for m in budgets)]
+    args.steps_at = {m: res["curves"]["curve_selfe"][f"{m:g}"]["optimiser_steps"] for m in budgets} \
+        if args.match_steps else None
+    res["train"] = {**res.get("train", {}), **train(todo, args)}
+    save()
+    for name in todo:
         for m in budgets:
             if f"{m:g}" in res["curves"].setdefault(name, {}):
                 continue
-            path = "ckpt.pt" if m == args.minutes else f"ckpt_{m:g}min.pt"
+            path = "ckpt.pt" if m == args.minutes else f"ckpt_{args.steps_at[m]}steps.pt" if args.steps_at \
+                else f"ckpt_{m:g}min.pt"
             ck = models.load_checkpoint(os.path.join(args.out, "runs", name, path))
             res["curves"][name][f"{m:g}"] = dict(score(name, args, ckpt=path), optimiser_steps=ck["step"],
-                                                 images=ck["step"] * ck["config"]["batch_size"])
+                                                 images=ck["step"] * ck["config"]["batch_size"],
+                                                 cpu_minutes=round(ck["elapsed"] / 60, 1),
+                                                 steps_matched_to_selfe=bool(args.steps_at))
             print(name, m, json.dumps({k: round(v["overall"], 3) for k, v in res["curves"][name][f"{m:g}"].items()
                                        if isinstance(v, dict)}), flush=True)
             save()
     res["curve_claims"] = claims_by_budget(res["curves"], budgets)
     plot_curves(res, budgets, os.path.join(args.assets, "curves.png"))
-    grid(res, args, names=names, path=os.path.join(args.assets, "curves_grid.png"))
+    here = [n for n in names if os.path.exists(os.path.join(args.out, "runs", n, "ckpt.pt"))]  # runs made elsewhere:
+    grid(res, args, names=here, path=os.path.join(args.assets, "curves_grid.png" if here == names      # no picture
+                                                  else f"curves_grid_{'_'.join(n[6:] for n in here)}.png"))
     save()
     ship(res, args, save)
 
@@ -324,7 +344,7 @@ def plot_curves(res, budgets, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, steps in enumerate(STEPS):
         for name, style, label in (("curve_selfe", "-", "Self-E"), ("curve_flow", "--", "flow"),
-                                   ("curve_meanflow", ":", "MeanFlow")):
+                                   ("curve_meanflow", ":", "MeanFlow"), ("curve_selfe_fake_late", "-.", "Self-E+fake")):
             have = [m for m in budgets if f"{m:g}" in res["curves"].get(name, {})]
             y = [res["curves"][name][f"{m:g}"][str(steps)]["overall"] for m in have]
             if have:

@@ -20,8 +20,11 @@ TASKS = ["single_object", "two_object", "counting", "colors", "position", "color
 
 
 def collect(runs_dir=os.path.join(OUT, "runs")):
-    res = {}
-    for name in sorted(os.listdir(runs_dir)):
+    """The committed results.json, updated by every scored run in runs_dir (runs_dir is not in git: a run whose
+    folder is gone keeps its committed row)."""
+    saved = os.path.join(OUT, "results.json")
+    res = json.load(open(saved)) if os.path.exists(saved) else {}
+    for name in sorted(os.listdir(runs_dir) if os.path.isdir(runs_dir) else []):
         d = os.path.join(runs_dir, name)
         evals = {m: os.path.join(d, f"eval{m}", "shapes_eval.json") for m in ("15", "30")}
         evals = {m: path for m, path in evals.items() if os.path.exists(path)}  # a half run has the 15 only
@@ -32,7 +35,7 @@ def collect(runs_dir=os.path.join(OUT, "runs")):
         res[name] = dict(method=cfg["method"], argv={k: cfg[k] for k in cfg.get("given", []) if k in cfg},
                          **{m: dict(steps=ck[m]["step"], cpu_minutes=round(ck[m]["elapsed"] / 60, 2),
                                     rows=json.load(open(evals[m]))["rows"]) for m in evals})
-    return res
+    return dict(sorted(res.items()))
 
 
 def table(res, budget="30"):

@@ -135,3 +135,46 @@ def test_consistency_share_regresses_on_the_shortcut_target():
     # and it differs from self-evaluation's target on the same draws
     plain, _, _ = losses.SelfE(null_tok(), 0.0, evaluator=net, live=net).step_loss(net, x0, ids, t, s, jump, eps, eps2)
     assert not torch.allclose(total, plain, rtol=1e-3)
+
+
+def test_landing_noise_uniform_evaluates_between_s_and_t_with_lambda_of_s():
+    """--landing-noise uniform (ours): the landing point is re-noised and evaluated at one s' in [s, t] per jump,
+    the same s' for every evaluation pass and for the fake-branch riders; lambda stays lambda_{s,t} (Eq. 17)."""
+    B = 8
+    x0, ids, t, s, jump, eps, eps2 = setup(B, seed=3)
+    P = torch.randn(B, 3, 4, 4)
+    ema, live = Fixed(torch.randn(B // 2, 3, 4, 4)), Fixed(torch.randn(B // 2, 3, 4, 4))
+    method = losses.SelfE(null_tok(), 0.0, ema, live, landing_noise="uniform", generator=torch.Generator().manual_seed(0))
+    _, lam, landing = method.self_evaluate(P, ids, t, s, jump, eps2)
+    s_eval = ema.calls[0]["t"]
+    assert torch.equal(live.calls[0]["t"], s_eval) and torch.equal(landing["s"], s_eval)
+    assert (s_eval >= s[jump]).all() and (s_eval <= t[jump]).all() and (s_eval > s[jump] + 1e-4).all()
+    se = s_eval.view(-1, 1, 1, 1)
+    assert torch.allclose(landing["x"], (1 - se) * P[jump] + se * eps2[jump], atol=1e-6)
+    has_caption = (ids[jump] != 0).any(1).float()
+    assert torch.allclose(lam[jump], losses.lambda_st(s[jump], t[jump]) * has_caption)
+    # the paper's default evaluates at s itself
+    paper = Fixed(torch.randn(B // 2, 3, 4, 4))
+    losses.SelfE(null_tok(), 0.0, paper, Fixed(torch.randn(B // 2, 3, 4, 4))).self_evaluate(P, ids, t, s, jump, eps2)
+    assert torch.equal(paper.calls[0]["t"], s[jump])
+
+
+def test_grid_jumps_are_the_samplers_steps():
+    """--grid-jumps (ours): each drawn pair (t, s) is a step (t_k, t_{k+1}) of sampler.schedule(N) for N in 1/2/4/8,
+    every N turns up, and SelfE replaces exactly that share of its jumps (the s = t half stays flow matching)."""
+    import sampler
+    mu = 0.8
+    t, s = losses.grid_pairs(400, mu, torch.Generator().manual_seed(0))
+    assert (s < t).all()
+    grids = {N: sampler.schedule(N, mu).clamp(max=1 - 1e-3) for N in (1, 2, 4, 8)}
+    seen = set()
+    for ti, si in zip(t.tolist(), s.tolist()):
+        hits = [N for N, g in grids.items() for k in range(N)
+                if abs(g[k] - ti) < 1e-6 and abs(g[k + 1] - si) < 1e-6]
+        assert hits, (ti, si)
+        seen.update(hits)
+    assert seen == {1, 2, 4, 8}
+    method = losses.SelfE(null_tok(), mu, None, None, grid_jumps=0.5, generator=torch.Generator().manual_seed(1))
+    t, s, jump = method.times(64, progress=0.0)   # tau = 0: the sampled jumps have s = t; only grid pairs jump
+    moved = (s < t).nonzero().flatten()
+    assert len(jump) == 32 and len(moved) == 16 and set(moved.tolist()) <= set(jump.tolist())

@@ -72,6 +72,32 @@ def test_each_claim_judged_at_each_budget_and_its_first():
     claims = benchmark.claims_by_budget(curves, [15, 30, 60])
     assert claims["selfe@1 >= meanflow@1"]["at"] == {"30": False, "60": True}   # 0.10 < 0.15; 0.30 >= 0.2; none at 15
     assert claims["selfe@2 >= meanflow@2"]["at"] == {"30": True, "60": True}
+    curves["curve_selfe_fake_late"] = {"60": rows([0.35, 0.45, 0.5, 0.5, 0.5])}   # the paper's fake term, late
+    claims = benchmark.claims_by_budget(curves, [15, 30, 60])
+    assert claims["late fake term helps: selfe_fake_late@1 > selfe@1"]["at"] == {"60": True}     # 0.35 > 0.30
+    assert claims["late fake term helps: selfe_fake_late@2 > selfe@2"]["at"] == {"60": False}    # 0.45 < 0.50
+
+
+def test_match_steps_trains_to_the_committed_curves_steps(tmp_path, monkeypatch):
+    """--curves --match-steps: a curve made on another machine is matched by optimiser steps, not minutes."""
+    import train
+    cmds = []
+
+    class Fake:
+        def __init__(self, cmd, env=None, **kw):
+            cmds.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Fake)
+    monkeypatch.setattr(benchmark.runs, "summary", lambda out: {})
+    (tmp_path / "runs" / "curve_selfe_fake_late").mkdir(parents=True)
+    args = argparse.Namespace(out=str(tmp_path), jobs=1, minutes=120.0, snapshots=[15.0, 30.0], seed=0, train_args="",
+                              steps_at={15.0: 2967, 30.0: 5877, 120.0: 24206})
+    benchmark.train(["curve_selfe_fake_late"], args)
+    a = train.get_args(cmds[0][2:])
+    assert (a.max_steps, a.max_minutes, a.snapshot_steps, a.fake_start) == (24206, 0.0, [2967, 5877], 0.775)
 
 
 def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned():

@@ -135,10 +135,13 @@ def test_training_matches_the_golden_fingerprints(tmp_path, method):
 
 def test_snapshots_keep_copies_along_the_run(tmp_path):
     out = tmp_path / "run"
-    run("train.py", *SMALL, "--max-steps", "30", "--batch-size", "4", "--snapshots", "0.002", "--out", str(out))
+    run("train.py", *SMALL, "--max-steps", "30", "--batch-size", "4", "--snapshots", "0.002", "--snapshot-steps", "7",
+        "--out", str(out))
     snap = torch.load(out / "ckpt_0.002min.pt", weights_only=True)
     final = torch.load(out / "ckpt.pt", weights_only=True)
     assert 0 < snap["step"] < final["step"] == 30 and snap["elapsed"] >= 0.002 * 60
+    by_step = torch.load(out / "ckpt_7steps.pt", weights_only=True)   # step-matched curves: after step 7 exactly
+    assert by_step["step"] == 7 and by_step["elapsed"] < final["elapsed"]
 
 
 def test_exported_weights_are_small_and_sample_like_the_checkpoint(tmp_path, tiny_ckpt):
