@@ -253,7 +253,7 @@ def plot(rows, path, reference=None, title="ShapesEval"):
     plt.close(fig)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", action="store_true", help="score ground-truth renders (calibration)")
     p.add_argument("--noise", action="store_true", help="score Gaussian noise and blank images (floor)")
@@ -267,7 +267,7 @@ def main():
                    help="target time s_k: next (t_{k+1}), same (t_k), mid, or a in [0, 1]: t_{k+1} + a (t_k - t_{k+1})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder, or eval/)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not (args.reference or args.noise or args.ckpt):
         p.error("say what to score: --reference, --noise or --ckpt PATH")
     if any(s < 1 for s in args.steps) or args.per_task < 1 or args.n < 1:

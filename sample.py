@@ -140,7 +140,7 @@ def write_images(images, n, grid_path):
             Image.fromarray(img).save(f"{root}_{steps}step_{i // n:02d}_{i % n}.png")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"default: {DEFAULT_CKPT} if it exists, else {SHIPPED_CKPT}")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: 8 built-in prompts")
@@ -153,7 +153,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png",
                    help="a .png/.jpg file for the grid, or a folder: the grid plus one PNG per image")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if any(s < 1 for s in args.steps):
         p.error("--steps must be positive integers")
     if args.n < 1:

@@ -100,7 +100,8 @@ def train(names, args):
                 budget += ["--snapshots", *map(str, args.snapshots)]
                 if args.steps_at:  # --match-steps: the committed Self-E curve's steps, whatever the time
                     *snaps, last = args.steps_at.values()
-                    budget = ["--max-steps", str(last), "--max-minutes", "0", "--snapshot-steps", *map(str, snaps)]
+                    budget = ["--max-steps", str(last), "--max-minutes", "0", "--clock", "cpu",
+                              "--snapshot-steps", *map(str, snaps)]
             flags = [*budget, "--seed", str(args.seed), "--sample-every", "0", *RUNS[name], *args.train_args.split()]
             cmd = runs.train_cmd(out, flags)
             print(" ".join(cmd), flush=True)

@@ -164,14 +164,14 @@ def print_fewstep(res):
               f"std over noises {r['noise_std']:.3f}")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--fewstep", action="store_true", help="the few-step study instead (see above)")
     p.add_argument("--jvp", action="store_true", help="instead: MeanFlow's JVP terms at this checkpoint (jvp_terms)")
     p.add_argument("--per-task", type=int, default=50, help="--fewstep: ShapesEval prompts per task")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     ckpt = models.load_checkpoint(args.ckpt)
     if ckpt["config"].get("dataset") != "shapes":
         p.error("diagnose.py measures on shapes images: give a checkpoint trained with --dataset shapes")

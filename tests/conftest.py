@@ -1,12 +1,38 @@
+import contextlib
+import importlib
+import io
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 torch.set_num_threads(1)  # in-process tests use tiny tensors: one thread is fastest, and leaves a core to the subprocesses
+
+
+def cli(module, *argv):
+    """`python -m MODULE ARGV` run in this process, returned as a subprocess would be (returncode, stdout, stderr):
+    a fresh interpreter spends ~3.5 s importing torch and torch._dynamo (the first optimiser imports it), more than
+    a few training steps. Runs from the repository root on one thread; the signal handlers train.py sets are
+    restored. Tests of the process boundary itself (signals, the one-line CLI error) stay subprocesses."""
+    out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                importlib.import_module(module).main([str(a) for a in argv])
+            except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
+                code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    finally:
+        os.chdir(cwd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess([module, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -14,9 +40,7 @@ def tiny_ckpt(tmp_path_factory):
     """One finished 8-step Self-E run (fp32, eager), shared by the tests that only read it: its ckpt.pt. A test
     that changes the run copies its folder first."""
     out = tmp_path_factory.mktemp("tiny_run")
-    r = subprocess.run([sys.executable, "train.py", "--batch-size", "8", "--max-steps", "8", "--max-minutes", "0",
-                        "--sample-every", "0", "--log-every", "1", "--precision", "fp32", "--no-compile",
-                        "--out", str(out)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True, timeout=300)
+    r = cli("train", "--batch-size", "8", "--max-steps", "8", "--max-minutes", "0", "--sample-every", "0",
+            "--log-every", "1", "--precision", "fp32", "--no-compile", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return str(out / "ckpt.pt")

@@ -2,8 +2,6 @@
 import copy
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 
 import data
 import evaluate
+from conftest import cli
 
 PER_TASK, N = 50, 4  # the full prompt set of every reported score
 PINNED = ['a triangle', 'a circle and a triangle', 'two squares']  # the first prompt of the first three tasks
@@ -135,8 +134,9 @@ def test_evaluate_takes_a_generator_callable():
 
 
 def test_cli_writes_table_and_json(tmp_path):
-    out = subprocess.run([sys.executable, "evaluate.py", "--reference", "--noise", "--per-task", "10",
-                          "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    r = cli("evaluate", "--reference", "--noise", "--per-task", "10", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
     assert "| reference |" in out and "| noise |" in out and "overall" in out
     rows = json.load(open(tmp_path / "shapes_eval.json"))["rows"]
     assert rows["reference"]["overall"] > 0.9 and rows["noise"]["overall"] < 0.1

@@ -1,6 +1,7 @@
 """No hang, no lost work: data that yields nothing, interrupted and diverging runs, failing saves, bad flags.
 
-Every run here has a time-out: code that hangs fails the test instead of stalling CI."""
+A run that could hang (bad data, signals, the command line itself) is a subprocess with a time-out: code that
+hangs fails the test instead of stalling CI. The rest run in this process (conftest.cli)."""
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch
 import data
 import model as models
 import train
+from conftest import cli
 from test_realdata import encode, rgb, write_tar
 from test_train import ckpt_step
 
@@ -93,10 +95,10 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, extra):
     """Bit for bit; with the fake-score term on, the riders (landings waiting for the next step) are saved too."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     steps = ["--max-steps", "40", "--ckpt-every", "1000", *extra]  # no periodic checkpoint: only SIGTERM's save
-    r = run("train.py", *SMALL, *steps, "--out", a, timeout=300)
+    r = cli("train", *SMALL, *steps, "--out", a)
     assert r.returncode == 0, r.stderr[-2000:]
-    p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as cli
     log = os.path.join(b, "log.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None and not (os.path.exists(log) and os.path.getsize(log)):
@@ -108,7 +110,7 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, extra):
     assert 2 <= stopped < 40, f"not stopped mid-way (step {stopped})"
     assert "stopped by SIGTERM" in stdout and "--resume" in stdout
     assert (torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["rider"][0] is not None) == bool(extra)
-    r = run("train.py", "--resume", "--out", b, timeout=300)
+    r = cli("train", "--resume", "--out", b)
     assert "done: 40 steps" in r.stdout, r.stderr[-2000:]
     A = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     B = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
@@ -179,10 +181,10 @@ def test_a_bad_flag_is_one_line_from_the_command_line(tmp_path):
 
 
 def test_sample_out_folder_or_bad_extension(tmp_path, tiny_ckpt):
-    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "grid.pdq"), "--prompt", "a red circle")
+    r = cli("sample", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "grid.pdq"), "--prompt", "a red circle")
     assert one_clear_line(r) and "extension" in r.stderr
     folder = tmp_path / "pics"
-    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(folder), "--prompt", "a red circle", "--n", "2",
+    r = cli("sample", "--ckpt", tiny_ckpt, "--out", str(folder), "--prompt", "a red circle", "--n", "2",
             "--steps", "1", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     names = sorted(os.listdir(folder))
@@ -193,7 +195,7 @@ def test_evaluate_rejects_a_checkpoint_of_another_image_size(tmp_path, tiny_ckpt
     ck = torch.load(tiny_ckpt, weights_only=True)
     ck["config"]["image_size"] = 64
     torch.save(ck, tmp_path / "big.pt")
-    r = run("evaluate.py", "--ckpt", str(tmp_path / "big.pt"), "--steps", "1", "--per-task", "1")
+    r = cli("evaluate", "--ckpt", str(tmp_path / "big.pt"), "--steps", "1", "--per-task", "1")
     assert one_clear_line(r) and "64 px" in r.stderr and "32 px" in r.stderr
 
 
@@ -201,16 +203,16 @@ def test_evaluate_rejects_a_checkpoint_of_another_image_size(tmp_path, tiny_ckpt
 
 def test_sample_makes_a_missing_out_folder_first_or_refuses_before_sampling(tmp_path, tiny_ckpt):
     out = tmp_path / "missing" / "dir" / "x.png"
-    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(out), "--prompt", "a red circle", "--n", "1")
+    r = cli("sample", "--ckpt", tiny_ckpt, "--out", str(out), "--prompt", "a red circle", "--n", "1")
     assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
     (tmp_path / "afile").write_text("in the way")
-    r = run("sample.py", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "afile" / "x.png"), "--prompt", "a red circle")
+    r = cli("sample", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "afile" / "x.png"), "--prompt", "a red circle")
     assert one_clear_line(r) and "cannot make its folder" in r.stderr
 
 
 def test_train_out_is_a_file(tmp_path):
     (tmp_path / "run").write_text("not a folder")
-    r = run("train.py", *SMALL, "--max-steps", "2", "--out", str(tmp_path / "run"), timeout=60)
+    r = cli("train", *SMALL, "--max-steps", "2", "--out", str(tmp_path / "run"))
     assert one_clear_line(r) and "is a file" in r.stderr
     assert (tmp_path / "run").read_text() == "not a folder"
 
@@ -221,17 +223,17 @@ def test_resume_refuses_flags_that_contradict_the_run_and_takes_those_that_may_c
     before = (run_dir / "ckpt.pt").read_bytes()
     for flags, says in ((["--method", "flow"], "--method flow (the run has selfe)"),
                         (["--patch", "4"], "--patch 4 (the run has 8)")):
-        r = run("train.py", "--resume", "--out", str(run_dir), *flags, timeout=60)
+        r = cli("train", "--resume", "--out", str(run_dir), *flags)
         assert one_clear_line(r) and says in r.stderr, r.stderr
     assert (run_dir / "ckpt.pt").read_bytes() == before                 # nothing was touched
-    r = run("train.py", "--resume", "--out", str(run_dir), "--max-steps", "9", "--method", "selfe", timeout=300)
+    r = cli("train", "--resume", "--out", str(run_dir), "--max-steps", "9", "--method", "selfe")
     assert r.returncode == 0 and "done: 9 steps" in r.stdout, r.stderr[-2000:]
 
 
 def test_diagnose_works_on_exported_weights_and_says_so(tmp_path, tiny_ckpt):
     ck = models.load_checkpoint(tiny_ckpt)
     models.export_weights(ck, str(tmp_path / "ship.pt"))
-    r = run("-m", "scripts.diagnose", "--ckpt", str(tmp_path / "ship.pt"), "--out", str(tmp_path), timeout=300)
+    r = cli("scripts.diagnose", "--ckpt", str(tmp_path / "ship.pt"), "--out", str(tmp_path))
     assert r.returncode == 0 and "EMA weights only" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(tmp_path / "diagnose.json"))["rows"]
     assert all(row["lag"] == 0 for row in rows.values()) and all(row["delta"] > 0 for row in rows.values())

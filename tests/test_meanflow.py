@@ -1,8 +1,6 @@
 """MeanFlow, the native few-step baseline: its JVP, its target on a closed-form case, and the whole path."""
 import json
 import os
-import subprocess
-import sys
 
 import torch
 import torch.nn as nn
@@ -10,9 +8,8 @@ import torch.nn as nn
 import data
 import losses
 import model as models
+from conftest import cli
 from model import TimeMLP
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def perturbed_tiny(scale=10.0):
@@ -107,17 +104,15 @@ def test_learns_the_closed_form_average_velocity_of_a_gaussian():
 
 def test_trains_samples_in_one_step_and_is_scored(tmp_path):
     out = str(tmp_path / "mf")
-    r = subprocess.run([sys.executable, "train.py", "--method", "meanflow", "--batch-size", "16", "--max-steps", "3",
-                        "--max-minutes", "0", "--sample-every", "0", "--out", out], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = cli("train", "--method", "meanflow", "--batch-size", "16", "--max-steps", "3", "--max-minutes", "0",
+            "--sample-every", "0", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["method"] == "meanflow" and cfg["arch"]["time_scale"] == 10.0
     rec = json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])
     assert rec["dudt"] > 0 and rec["jump"] > 0 and rec["data"] > 0
-    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", "1",
-                        "--per-task", "1", "--n", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = cli("evaluate", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", "1", "--per-task", "1", "--n", "1",
+            "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(tmp_path / "shapes_eval.json"))["rows"]
     assert set(rows) == {"1"} and 0 <= rows["1"]["overall"] <= 1

@@ -1,7 +1,5 @@
 """CC3M webdataset shards and folders: broken files skipped and counted, shards split without overlap."""
 import io
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -10,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import cli
 
 
 def encode(img, fmt):
@@ -135,8 +134,7 @@ def test_folder_dataset_txt_and_tsv(tmp_path):
 
 def test_missing_or_empty_data_dir_explains_the_layout(tmp_path):
     for d in (str(tmp_path / "nope"), str(tmp_path)):
-        r = subprocess.run([sys.executable, "train.py", "--dataset", "cc3m", "--data-dir", d, "--out",
-                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+        r = cli("train", "--dataset", "cc3m", "--data-dir", d, "--out", tmp_path / "run")
         assert r.returncode != 0
         assert "img2dataset" in r.stderr and "--output_format webdataset" in r.stderr
 
@@ -146,14 +144,14 @@ def test_train_on_shards_trains_saves_and_reuses_the_tokenizer(tmp_path):
     shards.mkdir()
     write_shards(shards, 2, 12, lambda k, i: f"a photo number {i} of a cat")
     out = tmp_path / "run"
-    args = [sys.executable, "train.py", "--dataset", "cc3m", "--data-dir", str(shards), "--image-size", "16",
+    args = ["--dataset", "cc3m", "--data-dir", str(shards), "--image-size", "16",
             "--batch-size", "4", "--max-minutes", "0", "--sample-every", "0", "--vocab-size", "64", "--out", str(out)]
-    r = subprocess.run([*args, "--max-steps", "2"], capture_output=True, text=True, timeout=300)
+    r = cli("train", *args, "--max-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     saved = (out / "tokenizer.json").read_text()
     assert "cat" in saved and "fake" in saved  # trained on the shards' captions (and the fake prompt)
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["tokenizer"] == saved and ck["config"]["image_size"] == 16
-    r = subprocess.run([*args, "--resume", "--max-steps", "3"], capture_output=True, text=True, timeout=300)
+    r = cli("train", *args, "--resume", "--max-steps", "3")
     assert r.returncode == 0 and "done: 3 steps" in r.stdout, r.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == saved
