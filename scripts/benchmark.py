@@ -252,6 +252,10 @@ def grid(res, args, names=("flow", "selfe"), path=None):
         g = sample.grid_image(images, GRID_PROMPTS, STEPS, 2)
         title = Image.new("RGB", (g.width, 18), (255, 255, 255))
         label = {"flow": "flow matching", "selfe": "Self-E", "meanflow": "MeanFlow"}[cfg["method"]]
+        if cfg.get("fake_start") is not None:
+            label += f", fake-score term from {cfg['fake_start']:g} of training"
+        if cfg.get("meanflow_cfg", 1.0) != 1.0:
+            label += f", guidance {cfg['meanflow_cfg']:g} folded in"
         if cfg.get("consistency"):
             target = cfg.get("consistency_target", "meanflow")
             label += f", {cfg['consistency']:g} of the jumps on the {target} target (ours)"
