@@ -11,13 +11,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(1)  # in-process tests use tiny tensors: one thread is fastest, and leaves a core to the subprocesses
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # the tests run one at a time: two cores for in-process work
 
 
 def cli(module, *argv):
     """`python -m MODULE ARGV` run in this process, returned as a subprocess would be (returncode, stdout, stderr):
     a fresh interpreter spends ~3.5 s importing torch and torch._dynamo (the first optimiser imports it), more than
-    a few training steps. Runs from the repository root on one thread; the signal handlers train.py sets are
+    a few training steps. Runs from the repository root; the signal handlers train.py sets are
     restored. Tests of the process boundary itself (signals, the one-line CLI error) stay subprocesses."""
     out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -97,8 +97,9 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, extra):
     steps = ["--max-steps", "40", "--ckpt-every", "1000", *extra]  # no periodic checkpoint: only SIGTERM's save
     r = cli("train", *SMALL, *steps, "--out", a)
     assert r.returncode == 0, r.stderr[-2000:]
+    threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the in-process runs: same floats
     p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # as cli
+                         stderr=subprocess.PIPE, text=True, env=threads)
     log = os.path.join(b, "log.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None and not (os.path.exists(log) and os.path.getsize(log)):
