@@ -95,13 +95,14 @@ def train(names, args):
         procs = []
         for name in todo[i:i + args.jobs]:
             out = os.path.join(args.out, "runs", name)
-            budget = ["--max-minutes", str(args.minutes), "--clock", "cpu"]
-            if name.startswith("curve_"):
-                budget += ["--snapshots", *map(str, args.snapshots)]
-                if args.steps_at:  # --match-steps: the committed Self-E curve's steps, whatever the time
-                    *snaps, last = args.steps_at.values()
-                    budget = ["--max-steps", str(last), "--max-minutes", "0", "--clock", "cpu",
-                              "--snapshot-steps", *map(str, snaps)]
+            curve = name.startswith("curve_")
+            if curve and args.steps_at:  # --match-steps: the committed Self-E curve's steps, whatever the time
+                *snaps, last = args.steps_at.values()
+                budget = ["--max-steps", str(last), "--max-minutes", "0", "--clock", "cpu",
+                          "--snapshot-steps", *map(str, snaps)]
+            else:
+                budget = ["--max-minutes", str(args.minutes), "--clock", "cpu",
+                          *(["--snapshots", *map(str, args.snapshots)] if curve else [])]
             flags = [*budget, "--seed", str(args.seed), "--sample-every", "0", *RUNS[name], *args.train_args.split()]
             cmd = runs.train_cmd(out, flags)
             print(" ".join(cmd), flush=True)
