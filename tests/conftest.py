@@ -35,6 +35,15 @@ def cli(module, *argv):
     return subprocess.CompletedProcess([module, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
+def spawn(*argv, timeout=120, threads=None):
+    """`python ARGV` as a real subprocess from the repository root, with a time-out (a hang fails the test):
+    for what needs a process of its own (a signal, torchrun, data that could hang, the one-line CLI error).
+    threads: OMP_NUM_THREADS for the child. Returns the CompletedProcess; the caller asserts."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """One finished 8-step Self-E run (fp32, eager), shared by the tests that only read it: its ckpt.pt. A test

@@ -16,17 +16,12 @@ import torch
 import data
 import model as models
 import train
-from conftest import cli
+from conftest import ROOT, cli, spawn
 from test_realdata import encode, rgb, write_tar
 from test_train import ckpt_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
          "--precision", "fp32", "--no-compile"]  # on a GPU too: the exactness tests need fp32, eager
-
-
-def run(*args, timeout=120):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def one_clear_line(r):
@@ -41,7 +36,7 @@ def test_shards_with_only_broken_images_stop_with_counts(tmp_path):
     d.mkdir()
     write_tar(d / "00000.tar", [m for i in range(6) for m in
                                 ((f"{i:04d}.jpg", b"not a jpeg"), (f"{i:04d}.txt", b"a caption"))])
-    r = run("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--out", str(tmp_path / "run"), timeout=60)
+    r = spawn("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--out", str(tmp_path / "run"), timeout=60)
     assert one_clear_line(r), r.stderr[-2000:]
     assert "no usable sample" in r.stderr and "6 bad image" in r.stderr and "KEY.jpg + KEY.txt" in r.stderr
 
@@ -49,8 +44,8 @@ def test_shards_with_only_broken_images_stop_with_counts(tmp_path):
 def test_folder_without_captions_stops_with_counts(tmp_path):
     for i in range(5):
         rgb(i).save(tmp_path / f"{i}.png")
-    r = run("train.py", "--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
-            timeout=60)
+    r = spawn("train.py", "--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+              timeout=60)
     assert one_clear_line(r), r.stderr[-2000:]
     assert "no usable sample" in r.stderr and "5 no caption" in r.stderr
     assert not os.path.exists(tmp_path / "run" / "tokenizer.json")  # no tokenizer from zero captions
@@ -68,7 +63,7 @@ def test_an_endless_stream_of_nothing_raises_instead_of_spinning(tmp_path):
     for i in range(3):
         rgb(i).save(tmp_path / f"{i}.png")                 # images, no captions
     code = f"import data; next(iter(data.ImageTextStream('folder', {str(tmp_path)!r}, 2, 8)))"
-    r = run("-c", code, timeout=60)                        # in a child process: a hang fails by its time-out
+    r = spawn("-c", code, timeout=60)                      # in a child process: a hang fails by its time-out
     assert r.returncode != 0 and "RuntimeError" in r.stderr and "3 no caption" in r.stderr, r.stderr[-2000:]
 
 
@@ -80,8 +75,8 @@ def test_a_few_good_samples_among_many_bad_still_train(tmp_path):
                                              (f"g{i:03d}.txt", f"a photo of cat {i}".encode()))]
     write_tar(d / "00000.tar", members)
     out = tmp_path / "run"
-    r = run("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--image-size", "16", "--vocab-size", "64",
-            *SMALL, "--batch-size", "4", "--max-steps", "2", "--out", str(out), timeout=120)
+    r = spawn("train.py", "--dataset", "cc3m", "--data-dir", str(d), "--image-size", "16", "--vocab-size", "64",
+              *SMALL, "--batch-size", "4", "--max-steps", "2", "--out", str(out), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = [json.loads(line) for line in open(out / "log.jsonl")][-1]
     assert rec["skipped"].get("bad_image", 0) >= 20        # the broken ones, counted in the log
@@ -176,7 +171,7 @@ def test_train_rejects_bad_flags_at_once(tmp_path, capsys, flags, says):
 
 
 def test_a_bad_flag_is_one_line_from_the_command_line(tmp_path):
-    r = run("train.py", "--batch-size", "0", "--out", str(tmp_path / "run"), timeout=60)
+    r = spawn("train.py", "--batch-size", "0", "--out", str(tmp_path / "run"), timeout=60)
     assert one_clear_line(r) and "--batch-size" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "run")
 

@@ -2,22 +2,20 @@
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import losses
+from conftest import spawn
 from model import DiT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # spawn adds python
 
 
 @pytest.mark.slow
 def test_ddp_matches_single_process_on_the_combined_batch():
-    r = subprocess.run([*TORCHRUN, "tests/ddp_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = spawn(*TORCHRUN, "tests/ddp_check.py", timeout=300)
     assert r.returncode == 0 and "DDP OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
@@ -26,15 +24,12 @@ def test_train_under_torchrun_then_resume_in_one_process(tmp_path):
     out = str(tmp_path / "run")
     args = ["train.py", "--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
             "--ckpt-every", "2", "--grad-accum", "2", "--out", out]  # micro-steps under DDP: no_sync, then sync
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*TORCHRUN, *args, "--max-steps", "4"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = spawn(*TORCHRUN, *args, "--max-steps", "4", timeout=300, threads=1)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 4 and len(ck["rng"]) == 2            # both ranks' random streams are saved
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
-    r = subprocess.run([sys.executable, *args, "--resume", "--max-steps", "6"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = spawn(*args, "--resume", "--max-steps", "6", timeout=300)
     assert r.returncode == 0 and "done: 6 steps" in r.stdout, r.stderr[-3000:]
 
 
@@ -100,9 +95,8 @@ def test_meanflow_under_torchrun_takes_its_jvp_outside_ddp(tmp_path):
     """torch.func.jvp cannot run through a DDP module: MeanFlow's JVP runs on the plain module (no gradient) and
     the gradient pass goes through DDP, so the ranks stay in step (the checkpoint is rank 0's weights)."""
     out = str(tmp_path / "mf")
-    r = subprocess.run([*TORCHRUN, "train.py", "--method", "meanflow", "--batch-size", "8", "--max-steps", "3",
-                        "--max-minutes", "0", "--sample-every", "0", "--log-every", "1", "--out", out], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = spawn(*TORCHRUN, "train.py", "--method", "meanflow", "--batch-size", "8", "--max-steps", "3",
+              "--max-minutes", "0", "--sample-every", "0", "--log-every", "1", "--out", out, timeout=300, threads=1)
     assert r.returncode == 0 and "done: 3 steps" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
     rec = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert len(rec) == 3 and all(x["dudt"] > 0 for x in rec)

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import golden
-from conftest import cli
+from conftest import ROOT, cli, spawn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "32", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
          "--precision", "fp32", "--no-compile"]  # on a GPU too: the exactness tests need fp32, eager
 
@@ -25,13 +24,6 @@ def run(script, *args, check=True):
     r = cli(script.removesuffix(".py"), *args)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return r
-
-
-def proc(*args, timeout=300):
-    """`python ARGS` as a real subprocess: for what needs a process of its own (a kill)."""
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{args} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r
 
 
@@ -46,7 +38,8 @@ def ckpt_step(path):
 def test_kill_resume_is_exact(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     steps = ["--max-steps", "12", "--ckpt-every", "3"]
-    proc("train.py", *SMALL, *steps, "--out", a)
+    r = spawn("train.py", *SMALL, *steps, "--out", a, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
     # the same run, killed (SIGKILL: no chance to clean up) after its first checkpoint, then resumed
     p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,7 +51,8 @@ def test_kill_resume_is_exact(tmp_path):
     p.wait()
     killed_at = ckpt_step(ck)
     assert 3 <= killed_at < 12, f"the run was not killed mid-way (checkpoint at step {killed_at})"
-    r = proc("train.py", "--resume", "--out", b)
+    r = spawn("train.py", "--resume", "--out", b, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
     assert "done: 12 steps" in r.stdout
     A = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     B = torch.load(ck, weights_only=True)
