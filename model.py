@@ -278,6 +278,12 @@ def save_checkpoint(path, **state):
         raise SystemExit(f"error: could not write the checkpoint {path} ({type(e).__name__}: {e}); {kept}")
 
 
+def snapshot_name(minutes=None, step=None):
+    """The file train.py keeps a copy of the checkpoint in when its budget clock passes `minutes`, or after
+    optimiser step `step` (learning curves read them)."""
+    return f"ckpt_{minutes:g}min.pt" if step is None else f"ckpt_{step}steps.pt"
+
+
 def load_checkpoint(path):
     """Load a checkpoint made by train.py; weights_only=True: a checkpoint cannot run code."""
     try:

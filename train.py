@@ -378,7 +378,7 @@ def main(argv=None):
             dist.all_reduce(e, op=dist.ReduceOp.MAX)
             elapsed, stop_now = e[0].item(), bool(e[1].item())
         for m in (m for m in args.snapshots if before < m * 60 <= elapsed):  # copies for learning curves
-            checkpoint(step, elapsed, snapshot_path(args, f"{m:g}min"))
+            checkpoint(step, elapsed, os.path.join(args.out, models.snapshot_name(minutes=m)))
         before = elapsed
         if stop_now or (budget and elapsed >= budget):
             break
@@ -411,7 +411,7 @@ def main(argv=None):
         if master and args.sample_every and step % args.sample_every == 0:
             write_grid(ema, tok, args, step, device)
         if step in args.snapshot_steps:
-            checkpoint(step, clock() - t_start, snapshot_path(args, f"{step}steps"))
+            checkpoint(step, clock() - t_start, os.path.join(args.out, models.snapshot_name(step=step)))
         if step % args.ckpt_every == 0:
             checkpoint(step, clock() - t_start)
             last_saved = step
@@ -430,10 +430,6 @@ def main(argv=None):
         dist.destroy_process_group()
     if stop.signal:  # saved, but not finished: exit 128 + signal number, so a driver (benchmark.py) resumes it
         raise SystemExit(128 + signal.Signals[stop.signal].value)
-
-
-def snapshot_path(args, label):
-    return os.path.join(args.out, f"ckpt_{label}.pt")
 
 
 def announce(args, raw, tok, device, world):

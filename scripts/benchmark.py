@@ -285,8 +285,8 @@ def curves(res, args, save):
         for m in budgets:
             if f"{m:g}" in res["curves"].setdefault(name, {}):
                 continue
-            path = "ckpt.pt" if m == args.minutes else f"ckpt_{args.steps_at[m]}steps.pt" if args.steps_at \
-                else f"ckpt_{m:g}min.pt"
+            path = "ckpt.pt" if m == args.minutes else models.snapshot_name(step=args.steps_at[m]) if args.steps_at \
+                else models.snapshot_name(minutes=m)
             ck = models.load_checkpoint(os.path.join(args.out, "runs", name, path))
             res["curves"][name][f"{m:g}"] = dict(score(name, args, ckpt=path), optimiser_steps=ck["step"],
                                                  images=ck["step"] * ck["config"]["batch_size"],

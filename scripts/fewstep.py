@@ -31,7 +31,8 @@ def collect(runs_dir=os.path.join(OUT, "runs")):
         if not evals:
             continue
         cfg = json.load(open(os.path.join(d, "config.json")))
-        ck = {m: models.load_checkpoint(os.path.join(d, "ckpt.pt" if m == "30" else "ckpt_15min.pt")) for m in evals}
+        files = {"30": "ckpt.pt", "15": models.snapshot_name(minutes=15)}
+        ck = {m: models.load_checkpoint(os.path.join(d, files[m])) for m in evals}
         res[name] = dict(method=cfg["method"], argv={k: cfg[k] for k in cfg.get("given", []) if k in cfg},
                          **{m: dict(steps=ck[m]["step"], cpu_minutes=round(ck[m]["elapsed"] / 60, 2),
                                     rows=json.load(open(evals[m]))["rows"]) for m in evals})
