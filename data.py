@@ -233,10 +233,13 @@ def train_tokenizer(captions, vocab_size=1024):
     return Tokenizer(tok.to_str())
 
 
+FAKE_PROMPT = "fake image"  # Self-E's fake-score prompt c_fake = FAKE_PROMPT + " " + caption (appendix S.1.2)
+
+
 def shapes_captions(n=5000, seed=12345):
     """Captions of the shapes world for training its tokenizer (plus the fake-score prompt's words)."""
     rng = random.Random(seed)
-    return [make_example(rng.choice(KINDS), rng)[1] for _ in range(n)] + ["fake image"] * 10
+    return [make_example(rng.choice(KINDS), rng)[1] for _ in range(n)] + [FAKE_PROMPT] * 10
 
 
 class Tokenizer:
@@ -479,7 +482,7 @@ def tokenizer_for(dataset, data_dir, vocab_size, max_len, out, ddp, master, n_ca
             raise SystemExit(f"error: found {len(caps)} usable caption(s) in {data_dir}; a tokenizer needs at "
                              f"least {MIN_CAPTIONS}. Every image needs a non-empty caption.\n{CC3M_HELP}")
         os.makedirs(out, exist_ok=True)
-        train_tokenizer(caps + ["fake image"] * 10, vocab_size).save(path)
+        train_tokenizer(caps + [FAKE_PROMPT] * 10, vocab_size).save(path)
         print(f"trained a {vocab_size}-token tokenizer on {len(caps)} captions: {path}")
     if ddp:
         torch.distributed.barrier()

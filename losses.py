@@ -19,6 +19,7 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data import FAKE_PROMPT
 from model import G
 
 
@@ -81,14 +82,6 @@ def sample_s(t, tau, generator=None):
     return s, order[: B // 2]
 
 
-def grid_pairs(n, mu, generator=None, steps=(1, 2, 4, 8), t_max=1 - 1e-3):
-    """Ours (--grid-jumps): n pairs (t_k, t_{k+1}) of the sampler's schedule (sampler.schedule: t_k = shift(1 - k/N)),
-    N drawn from `steps`, k ~ U{0, ..., N-1}: the jumps a 1-8 step sampler asks for. t clamped like sample_t."""
-    N = torch.tensor(steps, dtype=torch.float)[torch.randint(len(steps), (n,), generator=generator)]
-    k = (torch.rand(n, generator=generator) * N).floor()
-    return shift(1 - k / N, mu).clamp(max=t_max), shift(1 - (k + 1) / N, mu)
-
-
 # -----------------------------------------------------------------------------
 # the loss terms
 
@@ -141,7 +134,7 @@ def bin_losses(t, loss, bins=4):
 
 
 # -----------------------------------------------------------------------------
-# the two methods, one object each: its random draws and the loss of one batch
+# the methods, one object each: its random draws and the loss of one batch (MeanFlow further down)
 
 class FlowMatching:
     """Plain conditional flow matching, the baseline: s = t always; loss E[w_t ||G(x_t, t, t, c) - x0||^2].
@@ -153,6 +146,13 @@ class FlowMatching:
         self.tok, self.mu, self.caption_dropout = tok, mu, caption_dropout
         self.gen, self.device = generator, device
         self.null_ids = tok([""]).to(device)                                  # (1, L): the empty prompt phi
+
+    def state_dict(self):
+        """What a resumed run needs of the method beside the weights and the generator: nothing here."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
 
     def times(self, batch, progress):
         """(t, s, jump): the current and target times (B,) and the indices that jump (s < t): none here."""
@@ -194,39 +194,26 @@ class SelfE(FlowMatching):
     pass with gradient).
     tau_anneal: fraction of training over which the longest jump grows to the full [0, t].
     fake_start: None, or the fraction of training from which the auxiliary fake-score term is on
-    (appendix S.1.2): the prompt c_fake = "fake image " + caption, and a quarter of the batch's landings
+    (appendix S.1.2): the prompt c_fake = FAKE_PROMPT + " " + caption, and a quarter of the batch's landings
     (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8); k as in Eq. s.6.
-    Beyond the paper (ours, off by default; bench/fewstep measures them):
-    lambda_max: caps lambda_{s,t}, so the data x0 keeps a share >= 1 / (1 + lambda_max) of the target near t = 1;
-    consistency: this share of the jumps regresses on a consistency target instead of self-evaluation:
-    consistency_target "meanflow" (Eq. 10 of 2505.13447; jvp_net: the plain module for its JVP) or "shortcut"
-    (the model's own two half jumps t -> m -> s, as in shortcut models, arXiv 2410.12557; no JVP);
-    grid_jumps: this share of the jumps takes its (t, s) from the 1/2/4/8-step sampler's schedule (`grid_pairs`);
-    landing_noise: "s" (paper) re-noises and evaluates a landing point at s, "uniform" at s' ~ U(s, t) (as DMD2
-    evaluates its samples at a random level), so that a jump to s = 0 still gets a classifier signal; lambda keeps s."""
+    The levers beyond the paper (ours) subclass this one: levers.py."""
 
     def __init__(self, tok, mu, evaluator, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
-                 fake_start=None, k=0.9, generator=None, device="cpu", lambda_max=None, consistency=0.0,
-                 jvp_net=None, consistency_target="meanflow", grid_jumps=0.0, landing_noise="s"):
+                 fake_start=None, k=0.9, generator=None, device="cpu"):
         super().__init__(tok, mu, caption_dropout, generator, device)
         self.evaluator, self.live, self.tau_anneal = evaluator, live, tau_anneal
         self.energy_preserving, self.fake_start, self.k = energy_preserving, fake_start, k
-        self.lambda_max, self.consistency, self.jvp_net = lambda_max, consistency, jvp_net
-        self.consistency_target, self.grid_jumps, self.landing_noise = consistency_target, grid_jumps, landing_noise
         self.rider = None  # an earlier step's landings, dict(x=x_s_hat, s, x0_hat, ids=their c_fake)
 
     def times(self, batch, progress):
         t = sample_t(batch, self.mu, self.gen)
         s, jump = sample_s(t, tau_schedule(progress, self.tau_anneal), self.gen)
-        if self.grid_jumps > 0:  # ours: a share of the jumps from the sampler's schedule
-            g = jump[:round(self.grid_jumps * len(jump))]
-            t[g], s[g] = grid_pairs(len(g), self.mu, self.gen)
         return t, s, jump
 
     def loss(self, net, x0, captions, progress):
         captions, ids, t, s, jump, eps, eps2 = self.draw(x0, captions, progress)
         fake_on = self.fake_start is not None and progress >= self.fake_start
-        fake_ids = self.tok(["fake image " + c for c in captions]).to(self.device) if fake_on else None
+        fake_ids = self.tok([f"{FAKE_PROMPT} {c}" for c in captions]).to(self.device) if fake_on else None
         total, parts, landing = self.step_loss(net, x0, ids, t, s, jump, eps, eps2, fake_ids)
         if fake_on and landing is not None:  # this step's landings train the fake branch next step
             n = x0.shape[0] // 4
@@ -253,17 +240,19 @@ class SelfE(FlowMatching):
         x0_hat = out[:B]                                                  # G(x_t, t, s, c)
 
         x_self, lam, landing = self.self_evaluate(x0_hat, ids, t, s, jump, eps2, fake_ids)   # Eqs. 8-15, 17
-        if self.energy_preserving:
-            per_sample = per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))  # Eq. 20
-        else:
-            per_sample = per_sample_mse(x0_hat, x0) + lam * per_sample_mse(x0_hat, x_self)  # Eq. 16
-        if self.consistency > 0:
-            per_sample = self.consistency_override(per_sample, x0_hat, x0, x_t, ids, t, s, jump, eps)
+        per_sample = self.pair_loss(x0_hat, x0, x_self, lam, dict(x_t=x_t, ids=ids, t=t, s=s, jump=jump, eps=eps))
         w = time_weight(t)
         target = (w * per_sample).mean()                                  # Eq. 21
         fake = self.fake_loss(out[B:], rider, B) if rider is not None else torch.zeros((), device=x0.device)
         parts = dict(target=target.item(), fake=fake.item(), **self.diagnostics(x0_hat, x0, x_self, lam, w, t, jump))
         return target + fake, parts, landing
+
+    def pair_loss(self, x0_hat, x0, x_self, lam, batch):
+        """L_{s,t} per sample: ||x0_hat - x_renorm||^2 (Eq. 20), or Eq. 16 without the energy-preserving target.
+        batch: the step's other tensors (x_t, ids, t, s, jump, eps), for the levers (levers.py) that replace it."""
+        if self.energy_preserving:
+            return per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))          # Eq. 20
+        return per_sample_mse(x0_hat, x0) + lam * per_sample_mse(x0_hat, x_self)             # Eq. 16
 
     @torch.no_grad()
     def self_evaluate(self, x0_hat, ids, t, s, jump, eps2, fake_ids=None):
@@ -275,9 +264,6 @@ class SelfE(FlowMatching):
         if len(jump) == 0:
             return x_self, lam, None
         tj, sj = t[jump], s[jump]
-        lam_j = lambda_st(sj, tj)                                         # Eq. 17
-        if self.landing_noise == "uniform":  # ours: evaluate the landing point at s' ~ U(s, t); lambda keeps s
-            sj = sj + (tj - sj) * torch.rand(len(jump), generator=self.gen).to(sj.device)
         x_s_hat = add_noise(stopgrad(x0_hat[jump]), eps2[jump], sj)       # alpha_s sg[x0_hat] + sigma_s eps'
         G_c = G(self.evaluator, x_s_hat, sj, sj, ids[jump])                               # conditional: EMA
         G_phi = G(self.live, x_s_hat, sj, sj, self.null_ids.expand(len(jump), -1).contiguous())  # uncond.: live
@@ -285,9 +271,7 @@ class SelfE(FlowMatching):
         delta = self_eval_direction(G_phi, G_c, G_fake, self.k)           # Eq. 14 (Eq. s.6 with the fake term)
         has_caption = (ids[jump] != 0).any(1).float()                     # dropped caption: no self-evaluation
         x_self[jump] = self_eval_target(x0_hat[jump], delta * bcast(has_caption))          # Eq. 14
-        lam[jump] = lam_j * has_caption                                   # Eq. 17
-        if self.lambda_max is not None:                                   # ours: a floor on the data share
-            lam = lam.clamp(max=self.lambda_max)
+        lam[jump] = lambda_st(sj, tj) * has_caption                       # Eq. 17
         return x_self, lam, dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]))
 
     def fake_loss(self, out_fake, rider, B):
@@ -295,22 +279,13 @@ class SelfE(FlowMatching):
         and the sum over riders / B, i.e. riders count as batch samples, are ours: the paper gives none)."""
         return (time_weight(rider["s"]) * per_sample_mse(out_fake, rider["x0_hat"])).sum() / B
 
-    def consistency_override(self, per_sample, x0_hat, x0, x_t, ids, t, s, jump, eps):
-        """Ours (--consistency): the first share of the jumps regresses on a consistency target V_tgt instead, as a
-        G target x_t - t V_tgt, so that w_t ||G - (x_t - t V_tgt)||^2 = ||V - V_tgt||^2. V_tgt is MeanFlow's u_tgt
-        (its Eq. 10) or the shortcut target (two half jumps of the live model)."""
-        mj = jump[:round(self.consistency * len(jump))]
-        if len(mj) == 0:
-            return per_sample
-        if self.consistency_target == "shortcut":
-            v_tgt = shortcut_target(self.live, x_t[mj], t[mj], s[mj], ids[mj])
-        else:
-            v = eps[mj] - x0[mj]
-            _, dudt = meanflow_dudt(self.jvp_net, x_t[mj], t[mj], s[mj], ids[mj], v)
-            v_tgt = meanflow_target(v, t[mj], s[mj], dudt)
-        per_sample = per_sample.clone()
-        per_sample[mj] = per_sample_mse(x0_hat[mj], x_t[mj] - bcast(t[mj]) * v_tgt)
-        return per_sample
+    def state_dict(self):
+        """What a resumed run needs beside the weights and the generator: the riders waiting for the next step."""
+        return dict(rider={k: v.cpu() for k, v in self.rider.items()} if self.rider else None)
+
+    def load_state_dict(self, state):
+        rider = state.get("rider")
+        self.rider = {k: v.to(self.device) for k, v in rider.items()} if rider else None
 
     @staticmethod
     @torch.no_grad()
@@ -355,17 +330,6 @@ def meanflow_dudt(net, x_t, t, r, ids, v):
 def meanflow_target(v, t, r, dudt):
     """u_tgt = v - (t - r) du/dt, the MeanFlow identity (Eq. 10); u_tgt = v where r = t (flow matching)."""
     return v - bcast(t - r) * dudt
-
-
-@torch.no_grad()
-def shortcut_target(net, x_t, t, s, ids):
-    """V_tgt = (x_t - x_s') / (t - s) for two half jumps of the model itself, x_m = x_t - (t - m) V(x_t, t, m, c),
-    x_s' = x_m - (m - s) V(x_m, m, s, c), m = (t + s) / 2: the semigroup property of the any-step map (ours for
-    Self-E; the self-consistency target of shortcut models, arXiv 2410.12557). Needs no time derivative."""
-    m = (t + s) / 2
-    v1 = net(x_t, t, m, ids)
-    v2 = net(x_t - bcast(t - m) * v1, m, s, ids)
-    return (v1 + v2) / 2
 
 
 def adaptive_weight(err, p=1.0, c=1e-3):

@@ -2,7 +2,7 @@
 
     python sample.py --steps 1                         # the default run's EMA weights, built-in prompts
     python sample.py --steps 1 2 4 8 50                # one column per step count
-    python sample.py --prompt "a red circle left of a blue square" --n 4 --cfg 3 --eta 1 --out my.png
+    python sample.py --prompt "a red circle left of a blue square" --n 4 --omega 3 --eta 1 --out my.png
 
 Rows are prompts (n images each), columns step counts. An existing output file is never overwritten:
 the grid goes to the next free name (grid-1.png, ...) and the script says so.
@@ -51,10 +51,11 @@ def load(path):
 
 
 def sampling_defaults(cfg, omega=None, eta=None, s_mode=None):
-    """Guidance scale omega, noise eta and target time s_k: explicit values, else the run's stored --cfg, else the
-    method's default (sampler.DEFAULTS)."""
+    """Guidance scale omega, noise eta and target time s_k: explicit values, else the run's stored --omega (named
+    "cfg" in runs before 2026-11-30), else the method's default (sampler.DEFAULTS)."""
     d = sampler.DEFAULTS[cfg["method"]]
-    return dict(omega=omega if omega is not None else (cfg.get("cfg") or d["omega"]),
+    stored = cfg.get("omega", cfg.get("cfg"))
+    return dict(omega=omega if omega is not None else (stored or d["omega"]),
                 eta=eta if eta is not None else d["eta"], s_mode=s_mode if s_mode is not None else d["s_mode"])
 
 
@@ -72,15 +73,16 @@ def s_mode_arg(v):
 
 
 def make_generate(net, tok, cfg, omega=None, eta=None, s_mode=None, device="cpu"):
-    """generate(prompts, steps) -> images (N, 3, H, W) in [-1, 1], for evaluate.py."""
+    """generate(prompts, steps, generator=None) -> images (N, 3, H, W) in [-1, 1], for evaluate.py. generator: the
+    noise's (CPU) stream; None draws from torch's global one."""
     opts = sampling_defaults(cfg, omega, eta, s_mode)
     mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
     net = net.to(device)
 
-    def generate(prompts, steps):
+    def generate(prompts, steps, generator=None):
         shape = (3, cfg["image_size"], cfg["image_size"])
         return sampler.sample(net, tok(prompts), tok([""]), steps, mu, shape, omega=opts["omega"],
-                              eta=opts["eta"], s_mode=opts["s_mode"], device=device).cpu()
+                              eta=opts["eta"], s_mode=opts["s_mode"], generator=generator, device=device).cpu()
     return generate
 
 
@@ -117,15 +119,15 @@ def grid_image(images, prompts, steps_list, n, scale=4):
 
 
 def write_grid(net, tok, cfg, prompts, steps_list, path, n=1, seed=0, device="cpu", **opts):
-    """Sample every prompt n times at each step count (same noise per column) and save the grid."""
+    """Sample every prompt n times at each step count (same noise per column, from a generator of its own: the
+    process's random stream, a training run's included, is left as it was) and save the grid."""
     was_training = net.training
     net.eval()
     gen = make_generate(net, tok, cfg, device=device, **opts)
     captions = [p for p in prompts for _ in range(n)]
     images = {}
     for steps in steps_list:
-        torch.manual_seed(seed)
-        images[steps] = data.to_uint8(gen(captions, steps))
+        images[steps] = data.to_uint8(gen(captions, steps, torch.Generator().manual_seed(seed)))
     net.train(was_training)
     grid_image(images, prompts, steps_list, n).save(path)
     return images
@@ -146,7 +148,7 @@ def main(argv=None):
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: 8 built-in prompts")
     p.add_argument("--steps", type=int, nargs="+", default=[1])
     p.add_argument("--n", type=int, default=2, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale omega (1 = none; paper: 5)")
+    p.add_argument("--omega", type=float, default=None, help="guidance scale omega (1 = none; paper: 5)")
     p.add_argument("--eta", type=float, default=None, help="0: deterministic (Eq. 22), 1: DDIM-style noise")
     p.add_argument("--s-mode", default=None, type=s_mode_arg,
                    help="target time s_k: next (t_{k+1}), same (t_k), mid, or a in [0, 1]: t_{k+1} + a (t_k - t_{k+1})")
@@ -179,10 +181,10 @@ def main(argv=None):
     else:
         out = free_path(args.out)
     images = write_grid(net, tok, cfg, prompts, args.steps, out, n=args.n, seed=args.seed, device=device,
-                        omega=args.cfg, eta=args.eta, s_mode=args.s_mode)
+                        omega=args.omega, eta=args.eta, s_mode=args.s_mode)
     if folder:
         write_images(images, args.n, out)
-    opts = sampling_defaults(cfg, args.cfg, args.eta, args.s_mode)
+    opts = sampling_defaults(cfg, args.omega, args.eta, args.s_mode)
     print(f"wrote {out}" + (f" and {len(prompts) * args.n * len(args.steps)} single images beside it" if folder else "")
           + f": {len(prompts)} prompts x {args.n}, steps {args.steps}, omega {opts['omega']}, eta {opts['eta']}, "
           f"s_k = {opts['s_mode']}")

@@ -1,7 +1,8 @@
-"""Train Self-E (or the plain flow-matching baseline) from scratch. One readable loop.
+"""Train Self-E (or the baselines: flow matching, MeanFlow) from scratch. One readable loop.
 
     python train.py                                   # shapes, 15 minutes on a CPU (or a GPU if there is one)
     python train.py --method flow                     # the same network trained as plain flow matching
+    python train.py --method meanflow                 # ... or as MeanFlow, the native few-step baseline
     python train.py --resume                          # continue the run in --out exactly where it stopped
     python train.py --dataset cc3m --data-dir DIR --model small            # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --dataset cc3m --data-dir DIR --model base
@@ -10,7 +11,8 @@
 A run folder (--out) holds ckpt.pt (everything needed to resume or sample), config.json, tokenizer.json,
 log.jsonl (loss parts per step) and grids/ (samples at 1, 2, 4, 8 steps every --sample-every steps).
 Checkpoints are saved from the plain module (never compiled or DDP-wrapped), atomically, and loaded with
-torch.load(weights_only=True).
+torch.load(weights_only=True). The page reads top to bottom: the flags, the pieces the run is built from,
+then main: the setup and one loop.
 """
 import argparse
 import contextlib
@@ -20,48 +22,26 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import levers
 import losses
 import model as models
 import sample
 
-
 ARCH = ("dim", "depth", "heads", "patch", "time_scale")  # network flags, kept in config["arch"]
+# flags a resumed run may change; every other flag is the run's own
+MAY_CHANGE = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile", "precision",
+              "snapshots", "snapshot_steps"}
 
 
-def check_args(p, args):
-    """Bad values fail here, with one line naming the flag, before any work starts."""
-    dim, depth, heads, patch = (args.arch[k] for k in ("dim", "depth", "heads", "patch"))
-    for bad, msg in [
-        (args.batch_size < 1, "--batch-size must be at least 1"),
-        (args.grad_accum < 1, "--grad-accum must be at least 1"),
-        (args.max_steps < 1, "--max-steps must be at least 1"),
-        (args.max_minutes is not None and args.max_minutes < 0, "--max-minutes must be >= 0 (0: no time budget)"),
-        (args.lr <= 0 or args.lr_min < 0, "--lr must be > 0 and --lr-min >= 0"),
-        (args.warmup < 0, "--warmup must be >= 0"),
-        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
-        (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
-        (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
-        (not 0 <= args.fake_k <= 1, "--fake-k must be in [0, 1]"),
-        (args.lambda_max is not None and args.lambda_max < 0, "--lambda-max must be >= 0"),
-        (not 0 <= args.consistency <= 1, "--consistency must be in [0, 1]"),
-        (not 0 <= args.grid_jumps <= 1, "--grid-jumps must be in [0, 1]"),
-        (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
-         "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
-        (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
-        (args.arch.get("time_scale", 1) <= 0, "--time-scale must be > 0"),
-        (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
-        (args.image_size < 1 or args.image_size % max(patch, 1),
-         f"--image-size {args.image_size} must be a positive multiple of the patch size {patch}"),
-    ]:
-        if bad:
-            p.error(msg)
-
+# -----------------------------------------------------------------------------
+# the flags
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -71,30 +51,27 @@ class Parser(argparse.ArgumentParser):
 
 def get_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("run")
+    g = p.add_argument_group("the run")
     g.add_argument("--out", default=None, help="run folder (default runs/<dataset> for selfe, runs/<dataset>-<method> otherwise)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    g.add_argument("--dataset", default="shapes", choices=["shapes", "cc3m", "folder"])
+    g.add_argument("--data-dir", default=None, help="cc3m: img2dataset webdataset shards; folder: images + .txt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=200_000)
     g.add_argument("--max-minutes", type=float, default=None,
                    help="time budget; the LR decays over it (default 15 for shapes, none otherwise)")
-    g.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="what --max-minutes counts: wall-clock, or this process's CPU time (a run that shares "
-                        "the CPU with other work then still gets the same compute)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="shapes", choices=["shapes", "cc3m", "folder"])
-    g.add_argument("--data-dir", default=None, help="cc3m: img2dataset webdataset shards; folder: images + .txt")
-    g.add_argument("--image-size", type=int, default=None, help="default 32 for shapes, 64 otherwise")
     g.add_argument("--batch-size", type=int, default=64, help="per process, per micro-step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
     g.add_argument("--workers", type=int, default=None, help="dataloader workers (default 0 on CPU, 4 on GPU)")
-    g.add_argument("--max-text-len", type=int, default=None, help="caption tokens (default 16 for shapes, 32 else)")
-    g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (shapes needs ~100)")
-    g.add_argument("--caption-dropout", type=float, default=0.1, help="null-prompt rate, for CFG (ours: 10%%)")
-    g = p.add_argument_group("model")
+    g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, else fp32")
+    g.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction, help="default on for CUDA")
+    g.add_argument("--log-every", type=int, default=25)
+    g.add_argument("--sample-every", type=int, default=500, help="sample grids at 1/2/4/8 steps (0: never)")
+    g.add_argument("--ckpt-every", type=int, default=250)
+    g = p.add_argument_group("the model and recipe")
+    g.add_argument("--method", default="selfe", choices=["selfe", "flow", "meanflow"],
+                   help="selfe (the paper), flow (flow matching), meanflow (the native few-step baseline)")
     g.add_argument("--model", default="tiny", choices=list(models.MODELS))
-    g.add_argument("--prediction", default="x", choices=["x", "v"],
-                   help="the head predicts x0 (default; V = (x_t - x0)/t) or V directly (the paper's)")
     g.add_argument("--dim", type=int, default=None, help="override the size's width")
     g.add_argument("--depth", type=int, default=None, help="override the size's number of blocks")
     g.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
@@ -102,31 +79,15 @@ def get_args(argv=None):
     g.add_argument("--time-scale", type=float, default=None,
                    help="time features sin(scale * t) (default 1000 as DiT; 10 for meanflow, whose JVP "
                         "differentiates them in t)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="selfe", choices=["selfe", "flow", "meanflow"],
-                   help="selfe (the paper), flow (flow matching), meanflow (the native few-step baseline)")
+    g.add_argument("--image-size", type=int, default=None, help="default 32 for shapes, 64 otherwise")
+    g.add_argument("--max-text-len", type=int, default=None, help="caption tokens (default 16 for shapes, 32 else)")
+    g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (shapes needs ~100)")
+    g.add_argument("--caption-dropout", type=float, default=0.1, help="null-prompt rate, for CFG (ours: 10%%)")
     g.add_argument("--tau-anneal", type=float, default=0.4,
                    help="fraction of training over which tau goes 0 -> 1 (paper: 300k of 710k)")
-    g.add_argument("--no-energy-preserving", action="store_true", help="ablation: plain Eq. 16 instead of Eq. 20")
-    g.add_argument("--fake-start", type=float, default=None,
-                   help="switch the fake-score term on at this fraction of training (paper: 0.775); off if unset")
     g.add_argument("--mu", type=float, default=None, help="time shift (default from the image token count)")
-    g.add_argument("--fake-k", type=float, default=0.9, help="k of Eq. s.6: the classifier share of Delta (paper 0.9)")
-    g.add_argument("--lambda-max", type=float, default=None,
-                   help="selfe, ours: cap lambda_{s,t} (Eq. 17), a floor 1/(1+cap) on the data share of the target")
-    g.add_argument("--consistency", type=float, default=0.0,
-                   help="selfe, ours: share of the jumps trained on a consistency target instead of self-evaluation")
-    g.add_argument("--consistency-target", default="meanflow", choices=["meanflow", "shortcut"],
-                   help="selfe, ours: that target: MeanFlow's (by a JVP) or the model's own two half jumps")
-    g.add_argument("--grid-jumps", type=float, default=0.0,
-                   help="selfe, ours: share of the jumps whose (t, s) come from the 1/2/4/8-step sampler's schedule")
-    g.add_argument("--landing-noise", default="s", choices=["s", "uniform"],
-                   help="selfe: evaluate a jump's landing point at s (paper) or at s' ~ U(s, t) (ours)")
     g.add_argument("--meanflow-cfg", type=float, default=1.0,
                    help="meanflow: guidance omega folded into the target (MeanFlow Eq. 19; 1 = none)")
-    g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
-                   help="weights of the conditional self-evaluation pass (paper S.2: the EMA's)")
-    g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="muon", choices=["adam", "muon"],
                    help="muon: torch.optim.Muon on the blocks' 2-D weights (RMS matched to Adam's), Adam on the rest "
                         "(the recipe search's winner; paper: Adam)")
@@ -135,19 +96,34 @@ def get_args(argv=None):
     g.add_argument("--warmup", type=int, default=100, help="warm-up steps (paper: 1000)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay, warmed up as (1+n)/(10+n) (paper: 0.9999)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, else fp32")
-    g.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction, help="default on for CUDA")
-    g = p.add_argument_group("logging")
-    g.add_argument("--log-every", type=int, default=25)
-    g.add_argument("--sample-every", type=int, default=500, help="sample grids at 1/2/4/8 steps (0: never)")
-    g.add_argument("--ckpt-every", type=int, default=250)
+    g.add_argument("--omega", type=float, default=None,
+                   help="guidance scale omega stored for sampling (default: sampler.DEFAULTS, 2.0 for flow, else 1.0)")
+    g = p.add_argument_group("the paper's ablations")
+    g.add_argument("--no-energy-preserving", action="store_true", help="plain Eq. 16 instead of Eq. 20")
+    g.add_argument("--fake-start", type=float, default=None,
+                   help="switch the fake-score term on at this fraction of training (paper: 0.775); off if unset")
+    g.add_argument("--fake-k", type=float, default=0.9, help="k of Eq. s.6: the classifier share of Delta (paper 0.9)")
+    g.add_argument("--evaluator", default="ema", choices=["ema", "live"],
+                   help="weights of the conditional self-evaluation pass (paper S.2: the EMA's)")
+    g.add_argument("--prediction", default="x", choices=["x", "v"],
+                   help="the head predicts x0 (default; V = (x_t - x0)/t) or V directly (the paper's)")
+    g = p.add_argument_group("research levers (ours, levers.py; off by default)")
+    g.add_argument("--shortcut", type=float, default=0.0,
+                   help="share of the jumps trained on the model's own two half jumps instead of self-evaluation")
+    g.add_argument("--flow-target", type=float, default=0.0,
+                   help="share of the jumps drawn at s = 0; they and the jumps at s <= --flow-below * t regress on "
+                        "--flow-steps Euler steps of the EMA's own flow head")
+    g.add_argument("--flow-steps", type=int, default=8, help="Euler steps of the flow target")
+    g.add_argument("--flow-below", type=float, default=0.1, help="jumps with s <= this * t take the flow target too")
+    g = p.add_argument_group("benchmark protocol")
+    g.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="what --max-minutes counts: wall-clock, or this process's CPU time (a run that shares "
+                        "the CPU with other work then still gets the same compute)")
     g.add_argument("--snapshots", type=float, nargs="*", default=[],
                    help="also keep a copy of the checkpoint as ckpt_<M>min.pt when the budget clock passes M "
                         "minutes (learning curves)")
     g.add_argument("--snapshot-steps", type=int, nargs="*", default=[],
                    help="also keep a copy as ckpt_<N>steps.pt after optimiser step N (step-matched learning curves)")
-    g.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale omega stored for sampling (default: sampler.DEFAULTS, 2.0 for flow, else 1.0)")
     args = p.parse_args(argv)
     args.image_size = args.image_size if args.image_size is not None else (32 if args.dataset == "shapes" else 64)
     if args.time_scale is None and args.method == "meanflow":
@@ -164,28 +140,61 @@ def get_args(argv=None):
     return args
 
 
-def lr_at(step, progress, args):
-    """Linear warm-up, then linear decay lr -> lr_min over training (paper S.2)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    return args.lr + (args.lr_min - args.lr) * min(1.0, progress)
+def check_args(p, args):
+    """Bad values fail here, with one line naming the flag, before any work starts."""
+    dim, depth, heads, patch = (args.arch[k] for k in ("dim", "depth", "heads", "patch"))
+    for bad, msg in [
+        (args.batch_size < 1, "--batch-size must be at least 1"),
+        (args.grad_accum < 1, "--grad-accum must be at least 1"),
+        (args.max_steps < 1, "--max-steps must be at least 1"),
+        (args.max_minutes is not None and args.max_minutes < 0, "--max-minutes must be >= 0 (0: no time budget)"),
+        (args.lr <= 0 or args.lr_min < 0, "--lr must be > 0 and --lr-min >= 0"),
+        (args.warmup < 0, "--warmup must be >= 0"),
+        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
+        (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
+        (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
+        (not 0 <= args.fake_k <= 1, "--fake-k must be in [0, 1]"),
+        (not 0 <= args.shortcut <= 1 or not 0 <= args.flow_target <= 1 or args.shortcut + args.flow_target > 1,
+         "--shortcut and --flow-target must be shares in [0, 1] that add up to at most 1"),
+        (args.flow_steps < 1 or not 0 <= args.flow_below <= 1, "--flow-steps must be >= 1, --flow-below in [0, 1]"),
+        (args.method != "selfe" and (args.shortcut or args.flow_target), "--shortcut and --flow-target are Self-E's levers (--method selfe)"),
+        (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
+         "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
+        (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
+        (args.arch.get("time_scale", 1) <= 0, "--time-scale must be > 0"),
+        (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
+        (args.image_size < 1 or args.image_size % max(patch, 1),
+         f"--image-size {args.image_size} must be a positive multiple of the patch size {patch}"),
+    ]:
+        if bad:
+            p.error(msg)
 
 
-def make_optimizers(raw, args, device_type):
-    """Adam (paper S.2: betas 0.9, 0.95) on everything; or Muon on the transformer blocks' 2-D weights and
-    Adam on the rest (embeddings, biases, norms, time MLPs, input and output layers)."""
-    hidden = [p for name, p in raw.named_parameters() if p.ndim == 2 and ".blocks." in f".{name}"]
-    ids = {id(p) for p in hidden} if args.optimizer == "muon" else set()
-    rest = [p for p in raw.parameters() if id(p) not in ids]
-    opts = [torch.optim.Adam(rest, lr=args.lr, betas=(0.9, 0.95), fused=device_type == "cuda")]
-    if ids:
-        opts.append(torch.optim.Muon(hidden, lr=args.lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"))
-    return opts
+
+# -----------------------------------------------------------------------------
+# the pieces of a run, in the order main builds them
+
+@dataclass
+class Env:
+    """Where this process runs: DDP or not, its rank among `world`, its device and autocast context."""
+    ddp: bool
+    rank: int
+    world: int
+    local: int
+    device: str
+    autocast: object
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def cuda(self):
+        return self.device.startswith("cuda")
 
 
 def setup_distributed(args):
-    """One process, or DDP when torchrun sets RANK; precision and compile defaults for the device.
-    Returns (ddp, rank, world, local, device, autocast context)."""
+    """One process, or DDP when torchrun sets RANK; precision and compile defaults for the device."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -202,10 +211,10 @@ def setup_distributed(args):
     args.compile = cuda if args.compile is None else args.compile
     autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
-    return ddp, rank, world, local, device, autocast
+    return Env(ddp, rank, world, local, device, autocast)
 
 
-def open_run(args, master):
+def open_run(args, env):
     """The run folder: resume its checkpoint (its own config, except what this command line sets among a few
     flags), or refuse to start over an existing one. Returns (args, checkpoint or None)."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -219,26 +228,30 @@ def open_run(args, master):
         if "opt" not in ckpt:
             raise SystemExit(f"error: {ckpt_path} holds exported weights only (no optimiser state); it cannot be "
                              f"resumed")
-        may_change = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_every", "workers", "compile",
-                      "precision", "snapshots", "snapshot_steps"}
-        given = {k: getattr(args, k) for k in args.given if k in may_change}
+        given = {k: getattr(args, k) for k in args.given if k in MAY_CHANGE}
         saved = ckpt["config"]
         stored = lambda k: saved.get("arch", {}).get(k, saved.get(k)) if k in ARCH else saved.get(k)
-        clash = [k for k in args.given if k not in may_change | {"resume", "out"} and getattr(args, k) != stored(k)]
+        clash = [k for k in args.given if k not in MAY_CHANGE | {"resume", "out"} and getattr(args, k) != stored(k)]
         if clash:
             flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {stored(k)})" for k in clash)
             raise SystemExit(f"error: {flags}: a resumed run keeps its own config; drop the flag, or start a new run "
                              f"with another --out (on resume only these may change: "
-                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(may_change))})")
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(MAY_CHANGE))})")
         args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given, "resume": True})
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or --out to start a new run")
-    if master:
+    if env.master:
         os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
     return args, ckpt
 
 
-def make_data(args, ckpt, ddp, rank, world, master, device_type):
+def ignore_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_data(args, env, ckpt):
     """The tokenizer (the checkpoint's, or trained on the data's captions) and an endless batch iterator."""
     if args.dataset != "shapes":  # fail fast, on every rank, if there is no data or no usable sample in it
         data.list_sources(args.dataset, args.data_dir)
@@ -249,70 +262,116 @@ def make_data(args, ckpt, ddp, rank, world, master, device_type):
         tok = data.Tokenizer(data.train_tokenizer(data.shapes_captions(), args.vocab_size).json, args.max_text_len)
     else:
         tok = data.tokenizer_for(args.dataset, args.data_dir, args.vocab_size, args.max_text_len, args.out,
-                                 ddp, master)
+                                 env.ddp, env.master)
     start = ckpt["step"] if ckpt else 0
     if args.dataset == "shapes":  # batch b is a pure function of (seed, b): resume continues the same stream
-        dataset = data.ShapesStream(args.seed + 1000 * rank, args.batch_size, args.image_size,
+        dataset = data.ShapesStream(args.seed + 1000 * env.rank, args.batch_size, args.image_size,
                                     start=start * args.grad_accum)
     else:  # shards: a resumed run starts a fresh shuffle of the data (seeded by the step)
         dataset = data.ImageTextStream(args.dataset, args.data_dir, args.batch_size, args.image_size,
-                                       rank, world, seed=args.seed + start)
-    workers = args.workers if args.workers is not None else (4 if device_type == "cuda" else 0)
+                                       env.rank, env.world, seed=args.seed + start)
+    workers = args.workers if args.workers is not None else (4 if env.cuda else 0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         pin_memory=device_type == "cuda", persistent_workers=workers > 0,
+                                         pin_memory=env.cuda, persistent_workers=workers > 0,
                                          worker_init_fn=ignore_signals)
     return tok, iter(loader)
 
 
-def make_model(args, tok, ckpt, device, device_type, rank):
-    """The live network, its EMA, the optimisers and this rank's random stream (caption dropout, times,
-    noise), restored from the checkpoint if any."""
+def lr_at(step, progress, args):
+    """Linear warm-up, then linear decay lr -> lr_min over training (paper S.2)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr + (args.lr_min - args.lr) * min(1.0, progress)
+
+
+def make_optimizers(model, args, cuda=False):
+    """Adam (paper S.2: betas 0.9, 0.95) on everything; or Muon on the transformer blocks' 2-D weights and
+    Adam on the rest (embeddings, biases, norms, time MLPs, input and output layers)."""
+    hidden = [p for name, p in model.named_parameters() if p.ndim == 2 and ".blocks." in f".{name}"]
+    ids = {id(p) for p in hidden} if args.optimizer == "muon" else set()
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    opts = [torch.optim.Adam(rest, lr=args.lr, betas=(0.9, 0.95), fused=cuda)]
+    if ids:
+        opts.append(torch.optim.Muon(hidden, lr=args.lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"))
+    return opts
+
+
+def make_model(args, env, tok, ckpt):
+    """The network (the plain module: checkpoints, the JVP), its EMA, the optimisers and this rank's random stream
+    (caption dropout, times, noise), restored from the checkpoint if any."""
     torch.manual_seed(args.seed)
-    raw = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction,
-                       **models.config_arch(vars(args))).to(device)
-    ema = copy.deepcopy(raw).requires_grad_(False)
-    opts = make_optimizers(raw, args, device_type)
+    model = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction,
+                         **models.config_arch(vars(args))).to(env.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opts = make_optimizers(model, args, env.cuda)
+    gen = torch.Generator().manual_seed(args.seed + env.rank)
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         for o, state in zip(opts, ckpt["opt"] if isinstance(ckpt["opt"], list) else [ckpt["opt"]]):
             o.load_state_dict(state)
-    gen = torch.Generator().manual_seed(args.seed + rank)
-    if ckpt is not None:
-        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-    return raw, ema, opts, gen
+        gen.set_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return model, ema, opts, gen
 
 
-def make_method(args, tok, raw, ema, gen, device, ddp, local):
-    """The method object (losses.FlowMatching or losses.SelfE) and the network that takes the gradient pass
-    (compiled and/or DDP-wrapped; the no-grad passes use the plain compiled modules)."""
-    mu = args.mu if args.mu is not None else losses.shift_mu(raw.grid ** 2)
-    live = torch.compile(raw) if args.compile else raw
-    net = torch.nn.parallel.DistributedDataParallel(live, device_ids=[local] if device.startswith("cuda") else None) \
-        if ddp else live
+def make_method(args, env, tok, model, ema, gen):
+    """The method object (losses.FlowMatching, losses.SelfE, levers.Levers or losses.MeanFlow) and `net`, the
+    module that takes the pass with gradient (compiled and/or DDP-wrapped). The no-grad passes run on compiled
+    copies of the model and the EMA; MeanFlow's JVP on the plain model (torch.func cannot go through either)."""
+    mu = args.mu if args.mu is not None else losses.shift_mu(model.grid ** 2)
+    fast = torch.compile(model) if args.compile else model
+    net = torch.nn.parallel.DistributedDataParallel(fast, device_ids=[env.local] if env.cuda else None) \
+        if env.ddp else fast
     if args.method == "flow":
-        return losses.FlowMatching(tok, mu, args.caption_dropout, gen, device), net
-    if args.method == "meanflow":  # the JVP runs on the plain module (not compiled, not DDP-wrapped)
-        return losses.MeanFlow(tok, mu, raw, args.caption_dropout, args.meanflow_cfg, generator=gen,
-                               device=device), net
-    ema_eval = torch.compile(ema) if args.compile else ema
-    evaluator = ema_eval if args.evaluator == "ema" else live
-    return losses.SelfE(tok, mu, evaluator, live, args.caption_dropout, args.tau_anneal,
-                        energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start, k=args.fake_k,
-                        lambda_max=args.lambda_max, consistency=args.consistency, jvp_net=raw,
-                        consistency_target=args.consistency_target, grid_jumps=args.grid_jumps,
-                        landing_noise=args.landing_noise,
-                        generator=gen, device=device), net
+        return losses.FlowMatching(tok, mu, args.caption_dropout, gen, env.device), net
+    if args.method == "meanflow":
+        return losses.MeanFlow(tok, mu, model, args.caption_dropout, args.meanflow_cfg, generator=gen,
+                               device=env.device), net
+    evaluator = (torch.compile(ema) if args.compile else ema) if args.evaluator == "ema" else fast
+    paper = dict(caption_dropout=args.caption_dropout, tau_anneal=args.tau_anneal,
+                 energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start, k=args.fake_k,
+                 generator=gen, device=env.device)
+    if args.shortcut or args.flow_target:  # ours: the paper's method plus the levers
+        return levers.Levers(tok, mu, evaluator, fast, shortcut=args.shortcut, flow_target=args.flow_target,
+                             flow_steps=args.flow_steps, flow_below=args.flow_below, **paper), net
+    return losses.SelfE(tok, mu, evaluator, fast, **paper), net
 
 
-def micro_step(method, net, x0, captions, progress, k, last, ddp, autocast):
-    """One of k micro-batches of an optimiser step: backward of loss / k, so the k gradients add up to that of the
-    mean loss. Under DDP the gradient all-reduce runs on the last micro-batch only (no_sync before it)."""
-    sync = net.no_sync() if ddp and not last else contextlib.nullcontext()
-    with sync, autocast:
+def announce(args, env, model, tok):
+    """Say what is being trained, and write the run's config.json and tokenizer.json."""
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    tok.save(os.path.join(args.out, "tokenizer.json"))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.method} | model {args.model}: {n_params / 1e6:.2f}M params | {args.dataset} {args.image_size}px"
+          f" | device {env.device} x{env.world} | {args.precision} | compile {args.compile} | out {args.out}")
+    if args.max_minutes:
+        print(f"training for {args.max_minutes:g} {'CPU-' if args.clock == 'cpu' else ''}minutes "
+              f"(or {args.max_steps} steps); README's 'Two commands' says what to expect")
+
+
+def micro_step(method, net, x0, captions, progress, *, accum, sync, autocast):
+    """One of `accum` micro-batches of an optimiser step: backward of loss / accum, so that the gradients add up to
+    that of the mean loss. sync: False under DDP before the last micro-batch (no all-reduce yet: no_sync)."""
+    with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
         loss, parts = method.loss(net, x0, captions, progress)
-        (loss / k).backward()
+        (loss / accum).backward()
     return loss, parts
+
+
+def gather(env, obj):
+    """[obj of rank 0, obj of rank 1, ...] under DDP (every rank must call it), [obj] in one process."""
+    if not env.ddp:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def write_grid(args, env, ema, tok, step):
+    """EMA samples of a few prompts at 1, 2, 4, 8 steps: <out>/grids/stepNNNNNNN.png."""
+    sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
+                      os.path.join(args.out, "grids", f"step{step:07d}.png"), device=env.device)
 
 
 class StopRequest:
@@ -329,155 +388,29 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-def ignore_signals(worker_id):
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def main(argv=None):
-    args = get_args(argv)
-    ddp, rank, world, local, device, autocast = setup_distributed(args)
-    master, device_type = rank == 0, device.split(":")[0]
-    args, ckpt = open_run(args, master)
-    tok, loader = make_data(args, ckpt, ddp, rank, world, master, device_type)
-    raw, ema, opts, gen = make_model(args, tok, ckpt, device, device_type, rank)
-    method, net = make_method(args, tok, raw, ema, gen, device, ddp, local)
-    if ckpt is not None and ckpt.get("rider"):  # the fake branch's pending landings (SelfE, --fake-start)
-        rider = ckpt["rider"][rank] if rank < len(ckpt["rider"]) else None
-        method.rider = {k: v.to(device) for k, v in rider.items()} if rider else None
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if master:
-        announce(args, raw, tok, device, world)
-
-    def checkpoint(step, elapsed, path=ckpt_path):
-        rider = getattr(method, "rider", None)
-        rider = {k: v.cpu() for k, v in rider.items()} if rider else None
-        rngs, riders = [gen.get_state()], [rider]
-        if ddp:  # every rank's generator state (and riders), so that a resumed DDP run continues each stream
-            rngs, riders = [None] * world, [None] * world
-            dist.all_gather_object(rngs, gen.get_state())
-            dist.all_gather_object(riders, rider)
-        if master:
-            models.save_checkpoint(path, model=raw.state_dict(), ema=ema.state_dict(),
-                                   opt=[o.state_dict() for o in opts], step=step, elapsed=elapsed, rng=rngs, rider=riders,
-                                   config=vars(args), tokenizer=tok.json)
-
-    # ---- the loop: batch, loss, backward, step, EMA, log, grid, checkpoint ----
-    step = last_saved = ckpt["step"] if ckpt else 0
-    clock = time.process_time if args.clock == "cpu" else time.time
-    before = ckpt["elapsed"] if ckpt else 0.0
-    t_start = clock() - before
-    budget = args.max_minutes * 60
-    stop, skipped, log = StopRequest(), {}, Log(args, master, step)
-    first, t_wall = step, time.time()
-    while step < args.max_steps:
-        elapsed, stop_now = clock() - t_start, stop.signal is not None
-        if ddp:  # every rank must agree on the time (LR, stopping) and on a stop request
-            e = torch.tensor([elapsed, float(stop_now)], device=device)
-            dist.all_reduce(e, op=dist.ReduceOp.MAX)
-            elapsed, stop_now = e[0].item(), bool(e[1].item())
-        for m in (m for m in args.snapshots if before < m * 60 <= elapsed):  # copies for learning curves
-            checkpoint(step, elapsed, os.path.join(args.out, models.snapshot_name(minutes=m)))
-        before = elapsed
-        if stop_now or (budget and elapsed >= budget):
-            break
-        progress = max(step / args.max_steps, elapsed / budget if budget else 0.0)
-        lr = lr_at(step, progress, args)
-        for group in (g for o in opts for g in o.param_groups):
-            group["lr"] = lr
-        parts = {}
-        for micro in range(args.grad_accum):
-            x0, captions, bad = next(loader)                                         # (B, 3, H, W), B strings
-            for k, v in bad.items():                                                 # broken samples, counted
-                skipped[k] = skipped.get(k, 0) + v
-            loss, p = micro_step(method, net, x0.to(device, non_blocking=True), captions, progress,
-                                 args.grad_accum, micro == args.grad_accum - 1, ddp, autocast)
-            for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
-        if not torch.isfinite(grad_norm):  # never step (or save) on NaN/inf: the last checkpoint stays good
-            kept = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "none was saved"
-            raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); "
-                             f"stopped without saving: {kept}. A lower --lr or --clip may help")
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        models.ema_update(ema, raw, args.ema, step)
-        step += 1
-        if master and step == first + 1:  # the first step pays for torch.compile's graph capture
-            print(f"first step: {time.time() - t_wall:.1f} s wall" + (" (includes torch.compile)" if args.compile else ""))
-        log.step(step, parts, loss, lr, grad_norm, elapsed, skipped, ddp, device)
-        if master and args.sample_every and step % args.sample_every == 0:
-            write_grid(ema, tok, args, step, device)
-        if step in args.snapshot_steps:
-            checkpoint(step, clock() - t_start, os.path.join(args.out, models.snapshot_name(step=step)))
-        if step % args.ckpt_every == 0:
-            checkpoint(step, clock() - t_start)
-            last_saved = step
-    elapsed = clock() - t_start
-    checkpoint(step, elapsed)
-    log.close()
-    if master:
-        write_grid(ema, tok, args, step, device)
-        print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. Continue with: python train.py "
-              f"--out {args.out} --resume" if stop.signal else f"done: {step} steps in {elapsed / 60:.1f} min; "
-              f"checkpoint {ckpt_path}; try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
-        if device_type == "cuda":
-            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated")
-    if ddp:
-        dist.barrier()  # leave together: a rank that tears down while rank 0 still writes can abort (gloo)
-        dist.destroy_process_group()
-    if stop.signal:  # saved, but not finished: exit 128 + signal number, so a driver (benchmark.py) resumes it
-        raise SystemExit(128 + signal.Signals[stop.signal].value)
-
-
-def announce(args, raw, tok, device, world):
-    """Say what is being trained, and write the run's config.json and tokenizer.json."""
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    tok.save(os.path.join(args.out, "tokenizer.json"))
-    n_params = sum(p.numel() for p in raw.parameters())
-    print(f"{args.method} | model {args.model}: {n_params / 1e6:.2f}M params | {args.dataset} {args.image_size}px"
-          f" | device {device} x{world} | {args.precision} | compile {args.compile} | out {args.out}")
-    if args.max_minutes:
-        print(f"training for {args.max_minutes:g} {'CPU-' if args.clock == 'cpu' else ''}minutes "
-              f"(or {args.max_steps} steps)" + (NEWCOMER if device == "cpu" and args.dataset == "shapes" else ""))
-
-
-NEWCOMER = "; on a 2-core CPU expect rough shapes in the asked colours at 50 sampling steps after 15 minutes," \
-           " blurred colour blobs at 1-2 steps (ShapesEval ~0.31 / 0.19 / 0.10; see README)"
-
-
-def write_grid(ema, tok, args, step, device):
-    """EMA samples of a few prompts at 1, 2, 4, 8 steps: <out>/grids/stepNNNNNNN.png."""
-    sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
-                      os.path.join(args.out, "grids", f"step{step:07d}.png"), device=device)
-
-
 class Log:
     """Every --log-every steps: loss parts (averaged across ranks) to <out>/log.jsonl and the progress bar.
     A time-budgeted run's bar estimates its total steps from the measured rate, so it shows an ETA."""
 
-    def __init__(self, args, master, step):
-        self.args, self.master = args, master
-        self.bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    def __init__(self, args, env, step):
+        self.args, self.env = args, env
+        self.bar = tqdm(total=args.max_steps, initial=step, disable=not env.master, dynamic_ncols=True, unit="step")
+        self.file = open(os.path.join(args.out, "log.jsonl"), "a") if env.master else None
         self.t, self.images = time.time(), 0
 
-    def step(self, step, parts, loss, lr, grad_norm, elapsed, skipped, ddp, device):
-        args = self.args
-        self.images += args.batch_size * args.grad_accum * (dist.get_world_size() if ddp else 1)
+    def step(self, step, loss, parts, lr, grad_norm, elapsed, skipped):
+        args, env = self.args, self.env
+        self.images += args.batch_size * args.grad_accum * env.world
         self.bar.update(1)
         if step % args.log_every and step != args.max_steps:
             return
         keys = sorted(parts)
-        vals = torch.tensor([parts[k] for k in keys] + [loss.item()], device=device)
-        if ddp:  # logged numbers are averaged across ranks
+        vals = torch.tensor([parts[k] for k in keys] + [loss.item()], device=env.device)
+        if env.ddp:  # logged numbers are averaged across ranks
             dist.all_reduce(vals, op=dist.ReduceOp.AVG)
         rate = self.images / (time.time() - self.t)
         self.t, self.images = time.time(), 0
-        if not self.master:
+        if not env.master:
             return
         rec = dict(step=step, loss=vals[-1].item(), **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
                    lr=lr, grad_norm=round(grad_norm.item(), 4), img_per_s=round(rate, 1),
@@ -494,6 +427,102 @@ class Log:
         self.bar.close()
         if self.file:
             self.file.close()
+
+
+
+# -----------------------------------------------------------------------------
+# main: the setup, then one loop
+
+def main(argv=None):
+    args = get_args(argv)
+    env = setup_distributed(args)
+    args, ckpt = open_run(args, env)
+    tok, loader = make_data(args, env, ckpt)
+    model, ema, opts, gen = make_model(args, env, tok, ckpt)
+    method, net = make_method(args, env, tok, model, ema, gen)
+    if ckpt is not None:  # the method's own state (Self-E's fake-score riders); older runs: "rider"
+        states = ckpt.get("method") or [dict(rider=r) for r in ckpt.get("rider", [])] or [{}]
+        method.load_state_dict(states[env.rank] if env.rank < len(states) else {})
+    if env.master:
+        announce(args, env, model, tok)
+
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step = first = last_saved = ckpt["step"] if ckpt else 0
+    clock = time.process_time if args.clock == "cpu" else time.time
+    before = ckpt["elapsed"] if ckpt else 0.0     # the budget clock at the last check
+    t_start, t_wall = clock() - before, time.time()
+    budget = args.max_minutes * 60
+    stop, skipped, log = StopRequest(), {}, Log(args, env, step)
+    while True:
+        # ---- the clock, a stop request, and the checkpoints due after the last step ----
+        elapsed, stop_now = clock() - t_start, stop.signal is not None
+        if env.ddp:  # every rank must agree on the time (LR, stopping, snapshots) and on a stop request
+            e = torch.tensor([elapsed, float(stop_now)], device=env.device)
+            dist.all_reduce(e, op=dist.ReduceOp.MAX)
+            elapsed, stop_now = e[0].item(), bool(e[1].item())
+        done = stop_now or step >= args.max_steps or bool(budget and elapsed >= budget)
+        due = [models.snapshot_name(minutes=m) for m in args.snapshots if before < m * 60 <= elapsed]
+        if step > first and step in args.snapshot_steps:
+            due.append(models.snapshot_name(step=step))
+        if done or (step > first and step % args.ckpt_every == 0):
+            due.append("ckpt.pt")
+        before = elapsed
+        if due:
+            rngs, states = gather(env, gen.get_state()), gather(env, method.state_dict())
+            for name in due if env.master else []:
+                models.save_checkpoint(os.path.join(args.out, name), model=model.state_dict(), ema=ema.state_dict(),
+                                       opt=[o.state_dict() for o in opts], step=step, elapsed=elapsed, rng=rngs,
+                                       method=states, config=vars(args), tokenizer=tok.json)
+            last_saved = step if "ckpt.pt" in due else last_saved
+        if done:
+            break
+
+        # ---- one optimiser step: batch, loss, backward (micro-steps), clip, step, EMA ----
+        progress = max(step / args.max_steps, elapsed / budget if budget else 0.0)
+        lr = lr_at(step, progress, args)
+        for group in (g for o in opts for g in o.param_groups):
+            group["lr"] = lr
+        parts = {}
+        for micro in range(args.grad_accum):
+            x0, captions, bad = next(loader)                                         # (B, 3, H, W), B strings
+            for k, v in bad.items():                                                 # broken samples, counted
+                skipped[k] = skipped.get(k, 0) + v
+            loss, p = micro_step(method, net, x0.to(env.device, non_blocking=True), captions, progress,
+                                 accum=args.grad_accum, sync=not env.ddp or micro == args.grad_accum - 1,
+                                 autocast=env.autocast)
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        if not torch.isfinite(grad_norm):  # never step (or save) on NaN/inf: the last checkpoint stays good
+            kept = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "none was saved"
+            raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); "
+                             f"stopped without saving: {kept}. A lower --lr or --clip may help")
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        models.ema_update(ema, model, args.ema, step)
+        step += 1
+
+        # ---- what the user sees: the first step's time, the log, sample grids ----
+        if env.master and step == first + 1:  # the first step pays for torch.compile's graph capture
+            print(f"first step: {time.time() - t_wall:.1f} s wall" + (" (includes torch.compile)" if args.compile else ""))
+        log.step(step, loss, parts, lr, grad_norm, elapsed, skipped)
+        if env.master and args.sample_every and step % args.sample_every == 0:
+            write_grid(args, env, ema, tok, step)
+
+    log.close()
+    if env.master:
+        write_grid(args, env, ema, tok, step)
+        print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. Continue with: python train.py "
+              f"--out {args.out} --resume" if stop.signal else f"done: {step} steps in {elapsed / 60:.1f} min; "
+              f"checkpoint {ckpt_path}; try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")
+        if env.cuda:
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(env.device) / 2**30:.2f} GiB allocated")
+    if env.ddp:
+        dist.barrier()  # leave together: a rank that tears down while rank 0 still writes can abort (gloo)
+        dist.destroy_process_group()
+    if stop.signal:  # saved, but not finished: exit 128 + signal number, so a driver (benchmark.py) resumes it
+        raise SystemExit(128 + signal.Signals[stop.signal].value)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def get_args():
                         "else bench/compare): one study, one folder")
     p.add_argument("--assets", default=None, help="where its figures go (default: --out)")
     p.add_argument("--minutes", type=float, default=30.0, help="training budget per run (CPU-minutes)")
-    p.add_argument("--ablations", action="store_true", help="also train the three Self-E ablations")
+    p.add_argument("--ablations", action="store_true", help="also train the Self-E ablations and a second seed (the four selfe_* runs)")
     p.add_argument("--curves", action="store_true", help="learning curves instead (see above)")
     p.add_argument("--snapshots", type=float, nargs="*", default=[15, 30, 60], help="--curves: minutes to score")
     p.add_argument("--match-steps", action="store_true",
@@ -157,10 +157,18 @@ def cost(args):
         out[f"sample_img_per_s_{steps}"] = 256 / (time.perf_counter() - t0)
     out["sample_speedup_1_over_50"] = out["sample_img_per_s_1"] / out["sample_img_per_s_50"]
     for m in ("flow", "selfe"):  # peak memory of a training step, each in a fresh process
-        code = f"import benchmark; benchmark.peak_memory_child({m!r})"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        out[f"step_peak_rss_increase_mb_{m}"] = float(r.stdout.split()[-1])
+        out[f"step_peak_rss_increase_mb_{m}"] = peak_memory(m)
     return out
+
+
+def peak_memory(method):
+    """MB by which a few training steps of `method` raise a fresh process's peak memory (peak_memory_child)."""
+    code = f"from scripts import benchmark; benchmark.peak_memory_child({method!r})"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    if r.returncode != 0:
+        raise SystemExit(f"error: the memory probe of {method} failed:\n{r.stderr[-2000:]}")
+    return float(r.stdout.split()[-1])
 
 
 def peak_memory_child(method):
@@ -257,9 +265,10 @@ def grid(res, args, names=("flow", "selfe"), path=None):
             label += f", fake-score term from {cfg['fake_start']:g} of training"
         if cfg.get("meanflow_cfg", 1.0) != 1.0:
             label += f", guidance {cfg['meanflow_cfg']:g} folded in"
-        if cfg.get("consistency"):
-            target = cfg.get("consistency_target", "meanflow")
-            label += f", {cfg['consistency']:g} of the jumps on the {target} target (ours)"
+        if cfg.get("shortcut"):
+            label += f", {cfg['shortcut']:g} of the jumps on the shortcut target (ours)"
+        if cfg.get("flow_target"):
+            label += f", {cfg['flow_target']:g} of the jumps on the flow target, {cfg['flow_steps']} steps (ours)"
         ImageDraw.Draw(title).text((4, 3), label, fill=(0, 0, 0))
         blocks += [title, g]
     out = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))

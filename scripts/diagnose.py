@@ -1,8 +1,9 @@
-"""Why do Self-E's few-step samples stall? Two studies of one checkpoint.
+"""Why do Self-E's few-step samples stall? Three studies of one checkpoint.
 
     python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt              # what the jumps learn from, per time t
     python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt --fewstep    # where the 1- and 2-step samples go wrong
     python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt --jvp        # MeanFlow's JVP terms, one by one
+    python -m scripts.diagnose --ckpt runs/shapes/ckpt.pt --lastjump   # a CPU-minute: has the last jump learned?
 
 Exported weights (checkpoints/shapes_tiny_selfe.pt) hold the EMA only: the first study then uses the EMA for
 the live weights too, so its lag between live and EMA weights reads 0 (it says so).
@@ -27,6 +28,13 @@ Writes <ckpt folder>/diagnose.json.
              conditional mean E[x0 | c] (256 ground-truth renders averaged) and from the nearest of those
              renders, and how much the sample moves with the input noise (std over the 8 noises), against
              the data's own spread around E[x0 | c]; the same for 50 steps, and for s = 0.5 and s = 1.
+
+--lastjump (about a CPU-minute; writes <out>/lastjump.json): the probe of the 2-step sampler's last jump, to s = 0.
+  On 256 shapes images noised to its t_1: last_vs_flow, the RMS of G(x_t1, t1, 0, c) against the model's own
+  flow prediction G(x_t1, t1, t1, c) ~ E[x0 | x_t1, c], and posterior_spread, the RMS of the data around that
+  mean; their ratio left_the_mean is ~0 when the jump has learned the posterior mean (the paper's Self-E: Delta = 0
+  at s = 0) and ~1.4 (sqrt 2) for a jump that lands on samples as spread as the data. Then ShapesEval overall (10
+  prompts per task) of the 2-step sample and of its first jump finished by K = 2 and 4 steps of the flow head.
 """
 import argparse
 import json
@@ -81,13 +89,50 @@ def diagnose(ckpt, n=256, seed=99):
     return rows
 
 
+def first_jump_then(net, tok, cfg, K):
+    """generate(prompts, steps, generator=None) for evaluate.evaluate: the 2-step sampler's first step (to t_1), then
+    K deterministic steps of the model's own flow head (s_k = t_k, eta 0) from t_1 to 0; `steps` is ignored."""
+    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+    opts, shape = sample.sampling_defaults(cfg), (3, cfg["image_size"], cfg["image_size"])
+
+    @torch.no_grad()
+    def generate(prompts, steps, generator=None):
+        ids = tok(prompts)
+        t1 = sampler.schedule(2, mu)[1].item()
+        x = sampler.sample(net, ids, tok([""]), 1, mu, shape, ts=[1.0, t1], generator=generator, **opts)  # x_{t_1}
+        return sampler.sample(net, ids, tok([""]), K, mu, shape, omega=opts["omega"], eta=0.0, s_mode="same",
+                              x=x, ts=torch.linspace(t1, 0, K + 1).tolist())
+    return generate
+
+
+@torch.no_grad()
+def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
+    """Has the last jump left the posterior mean? (about a CPU-minute; see the docstring's --lastjump)"""
+    cfg = ckpt["config"]
+    tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
+    net = models.from_checkpoint(ckpt, tok.vocab_size)
+    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+    t1 = sampler.schedule(2, mu)[1].item()
+    x0, captions = data.shapes_batch(seed + 99, 0, batch, cfg["image_size"])
+    t = torch.full((batch,), t1)
+    x_t = losses.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), t)
+    ids = tok(captions)
+    flow, last = G(net, x_t, t, t, ids), G(net, x_t, t, torch.zeros(batch), ids)   # s = t: E[x0 | x_t, c]
+    out = dict(t1=t1, last_vs_flow=rms(last - flow), posterior_spread=rms(x0 - flow), last_vs_data=rms(last - x0))
+    out["left_the_mean"] = out["last_vs_flow"] / out["posterior_spread"]
+    gen = sample.make_generate(net, tok, cfg)
+    score = lambda g: evaluate.evaluate(g, [2], per_task, n, seed=seed, swd=False)["2"]["overall"]
+    out["two_steps"] = score(gen)
+    out["first_jump_then"] = {str(k): score(first_jump_then(net, tok, cfg, k)) for k in K}
+    return out
+
+
 @torch.no_grad()
 def fewstep(ckpt, per_task=50, n=4, seed=0):
     """Where the few-step samples go wrong (see the docstring): dict(s_sweep, two_step, one_step)."""
     cfg = ckpt["config"]
     tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
     net = models.from_checkpoint(ckpt, tok.vocab_size)
-    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
     opts = sample.sampling_defaults(cfg)
     shape = (3, cfg["image_size"], cfg["image_size"])
     out = dict(sampler=opts)
@@ -96,14 +141,9 @@ def fewstep(ckpt, per_task=50, n=4, seed=0):
     out["s_sweep"] = {str(a): evaluate.evaluate(gen(s_mode=a), [1], per_task, n, seed=seed)["1"]
                       for a in (0.0, 0.25, 0.5, 0.75, 1.0)}
 
-    def first_jump_then_50(prompts, steps):  # steps is 2: the sampler's first step, then 50 flow-style steps
-        ids = tok(prompts)
-        t1 = sampler.schedule(2, mu)[1].item()
-        x = sampler.sample(net, ids, tok([""]), 1, mu, shape, ts=[1.0, t1], **opts)        # x_{t_1}
-        return sampler.sample(net, ids, tok([""]), 50, mu, shape, omega=opts["omega"], eta=0.0, s_mode="same",
-                              x=x, ts=torch.linspace(t1, 0, 51).tolist())
     out["two_step"] = dict(two_steps=evaluate.evaluate(gen(), [2], per_task, n, seed=seed)["2"],
-                           first_jump_then_50=evaluate.evaluate(first_jump_then_50, [2], per_task, n, seed=seed)["2"])
+                           first_jump_then_50=evaluate.evaluate(first_jump_then(net, tok, cfg, 50), [2], per_task, n,
+                                                                seed=seed)["2"])
 
     # the 1-step sample against the conditional mean and the data, 10 prompts per task, 8 noises each
     prompts = evaluate.eval_prompts(10)
@@ -169,7 +209,9 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True)
     p.add_argument("--fewstep", action="store_true", help="the few-step study instead (see above)")
     p.add_argument("--jvp", action="store_true", help="instead: MeanFlow's JVP terms at this checkpoint (jvp_terms)")
-    p.add_argument("--per-task", type=int, default=50, help="--fewstep: ShapesEval prompts per task")
+    p.add_argument("--lastjump", action="store_true", help="instead: the last-jump probe (see above)")
+    p.add_argument("--per-task", type=int, default=None,
+                   help="ShapesEval prompts per task (default: 50 for --fewstep, 10 for --lastjump)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
     args = p.parse_args(argv)
     ckpt = models.load_checkpoint(args.ckpt)
@@ -184,8 +226,16 @@ def main(argv=None):
             print(f"t = {t}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
         json.dump(res, open(os.path.join(out_dir, "jvp_terms.json"), "w"), indent=1)
         return
+    if args.lastjump:
+        res = lastjump(ckpt, args.per_task or 10)
+        print(f"t_1 = {res['t1']:.3f}: last jump vs flow head RMS {res['last_vs_flow']:.4f}, posterior spread "
+              f"{res['posterior_spread']:.4f} (ratio {res['left_the_mean']:.2f}); 2 steps {res['two_steps']:.3f}, "
+              f"first jump + K flow steps: " + ", ".join(f"K={k} {v:.3f}" for k, v in res["first_jump_then"].items()))
+        json.dump(dict(ckpt=args.ckpt, step=ckpt["step"], **res), open(os.path.join(out_dir, "lastjump.json"), "w"),
+                  indent=1)
+        return
     if args.fewstep:
-        res = fewstep(ckpt, args.per_task)
+        res = fewstep(ckpt, args.per_task or 50)
         print_fewstep(res)
         out = os.path.join(out_dir, "fewstep.json")
         json.dump(dict(ckpt=args.ckpt, step=ckpt["step"], **res), open(out, "w"), indent=1)

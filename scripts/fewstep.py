@@ -14,9 +14,9 @@ import json
 import os
 
 import model as models
+from data import TASKS
 
 OUT = os.path.join("bench", "fewstep")
-TASKS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
 
 def collect(runs_dir=os.path.join(OUT, "runs")):

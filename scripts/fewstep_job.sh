@@ -4,6 +4,8 @@
 #   bash scripts/fewstep_job.sh NAME [train.py flags...]         a stopped run resumes: the same command again
 #   HALF=1 bash scripts/fewstep_job.sh NAME [train.py flags...]  stop at the 15-minute snapshot and score it only
 #                                                                (the same schedule; the command without HALF resumes it)
+#   STEPS=N bash scripts/fewstep_job.sh NAME [train.py flags...] step-matched instead: N optimiser steps (the LR decays
+#                                                                over them), a snapshot at N/2, both scored
 set -uo pipefail
 NAME=$1; shift
 D=bench/fewstep/runs/$NAME
@@ -11,6 +13,8 @@ export OMP_NUM_THREADS=1
 mkdir -p "$D"
 if [ ! -f "$D/DONE" ] && ! { [ -n "${HALF:-}" ] && [ -f "$D/ckpt_15min.pt" ]; }; then
   if [ -f "$D/ckpt.pt" ]; then python train.py --out "$D" --resume >> "$D.log" 2>&1 &
+  elif [ -n "${STEPS:-}" ]; then python train.py --out "$D" --max-steps "$STEPS" --max-minutes 0 --seed 0 --sample-every 0 \
+    --snapshot-steps $((STEPS / 2)) "$@" > "$D.log" 2>&1 &
   else python train.py --out "$D" --max-minutes 30 --clock cpu --seed 0 --sample-every 0 --snapshots 15 "$@" > "$D.log" 2>&1 &
   fi
   PID=$!
@@ -21,6 +25,11 @@ if [ ! -f "$D/DONE" ] && ! { [ -n "${HALF:-}" ] && [ -f "$D/ckpt_15min.pt" ]; };
   wait $PID && [ -z "${HALF:-}" ] && touch "$D/DONE"
 fi
 score() { [ -f "$D/$1" ] && [ ! -f "$D/$2/shapes_eval.json" ] && python evaluate.py --ckpt "$D/$1" --out "$D/$2" >> "$D.log" 2>&1; }
-[ -f "$D/DONE" ] && score ckpt.pt eval30
-score ckpt_15min.pt eval15
+if [ -n "${STEPS:-}" ]; then
+  [ -f "$D/DONE" ] && score ckpt.pt "eval${STEPS}steps"
+  score "ckpt_$((STEPS / 2))steps.pt" "eval$((STEPS / 2))steps"
+else
+  [ -f "$D/DONE" ] && score ckpt.pt eval30
+  score ckpt_15min.pt eval15
+fi
 echo "$NAME: scored $(ls -d "$D"/eval* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"

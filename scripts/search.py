@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 
+import data
 from scripts import runs
 
 # The configs and the baseline they start from are data, beside their results: bench/search/configs.json
@@ -109,8 +110,7 @@ def write_report(res, path):
 
 
 def per_task(row):
-    return " / ".join(f"{row[t]:.2f}" for t in
-                      ("single_object", "two_object", "counting", "colors", "position", "color_attr"))
+    return " / ".join(f"{row[t]:.2f}" for t in data.TASKS)
 
 
 def table(res, method):

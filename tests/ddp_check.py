@@ -10,24 +10,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import losses  # noqa: E402
-from model import DiT  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import selfe, step_inputs, tiny_dit  # noqa: E402  (conftest puts the repository root on the path)
 
 B = 4  # per rank
 
 
 def make_batch(rank, step):
-    g = torch.Generator().manual_seed(100 * step + rank)
-    x0 = torch.randn(B, 3, 8, 8, generator=g)
-    ids = torch.randint(1, 20, (B, 6), generator=g)
-    t = losses.sample_t(B, 0.0, g)
-    s, jump = losses.sample_s(t, 1.0, g)
-    return x0, ids, t, s, jump, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
-
-
-def selfe(ema, live):
-    return losses.SelfE(lambda captions: torch.zeros(len(captions), 6, dtype=torch.long), 0.0, ema, live)
+    return step_inputs(B, seed=100 * step + rank)
 
 
 def ema_update(ema, net):
@@ -40,10 +30,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
-    torch.manual_seed(0)
-    net = DiT(vocab_size=20, max_text_len=6, image_size=8, dim=32, depth=2, heads=2, patch=4, text_layers=1)
-    for p in net.parameters():  # leave the zero init, so that every term carries gradient
-        p.data += 0.05 * torch.randn_like(p)
+    net = tiny_dit()  # off the zero init, so that every term carries gradient
     ref, ema = copy.deepcopy(net), copy.deepcopy(net).requires_grad_(False)
     ema_ref = copy.deepcopy(ema)
     ddp = torch.nn.parallel.DistributedDataParallel(net)

@@ -117,6 +117,15 @@ def test_patch_distance_sees_blur_and_noise(prompts):
     assert floor < 0.5 * blur and floor < 0.5 * noise, (floor, blur, noise)
 
 
+def test_spread_sees_a_collapse(prompts):
+    """Single-object renders vary in place and size; one image repeated does not; a shrunken copy set varies less."""
+    single = [p for p in prompts if p[1]["task"] == "single_object"][:20]
+    ref = evaluate.reference_images(single, N)
+    assert evaluate.spread(ref) > 2                                       # pixels, on 32 px images
+    assert evaluate.spread(np.repeat(ref[:1], len(ref), 0)) == 0
+    assert evaluate.spread(ref[::2]) == pytest.approx(evaluate.spread(ref), rel=0.5)
+
+
 def test_evaluate_takes_a_generator_callable():
     """A generator that draws the truth for each prompt scores ~1; one that draws noise scores ~0."""
     lookup = {c: s for c, s in evaluate.eval_prompts(10)}

@@ -6,9 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,12 +13,10 @@ import torch
 import data
 import model as models
 import train
-from conftest import ROOT, cli, spawn
-from test_realdata import encode, rgb, write_tar
-from test_train import ckpt_step
+from conftest import cli, spawn
+from conftest import SMALL as FLAGS, ckpt_step, encode, rgb, spawn_signalled, write_tar
 
-SMALL = ["--batch-size", "8", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
-         "--precision", "fp32", "--no-compile"]  # on a GPU too: the exactness tests need fp32, eager
+SMALL = [*FLAGS, "--batch-size", "8"]
 
 
 def one_clear_line(r):
@@ -84,30 +79,25 @@ def test_a_few_good_samples_among_many_bad_still_train(tmp_path):
 
 # ---- 2. interrupted and diverging runs --------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], pytest.param(["--fake-start", "0"], marks=pytest.mark.slow)],
-                         ids=["plain", "fake-term"])
+@pytest.mark.parametrize("extra", [[]] + [pytest.param(x, marks=pytest.mark.slow) for x in
+                                          (["--fake-start", "0"], ["--flow-target", "0.25"], ["--shortcut", "0.25"])],
+                         ids=["plain", "fake-term", "flow-target", "shortcut"])
 def test_sigterm_saves_and_resume_is_exact(tmp_path, extra):
-    """Bit for bit; with the fake-score term on, the riders (landings waiting for the next step) are saved too."""
+    """Bit for bit, with the paper's fake-score term (its riders, landings waiting for the next step, are the
+    method's state and are saved too) and with each lever."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    steps = ["--max-steps", "40", "--ckpt-every", "1000", *extra]  # no periodic checkpoint: only SIGTERM's save
+    steps = ["--max-steps", "12", "--ckpt-every", "1000", *extra]  # no periodic checkpoint: only SIGTERM's save
     r = cli("train", *SMALL, *steps, "--out", a)
     assert r.returncode == 0, r.stderr[-2000:]
-    threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the in-process runs: same floats
-    p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=threads)
-    log = os.path.join(b, "log.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None and not (os.path.exists(log) and os.path.getsize(log)):
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=120)
-    assert p.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # saved but unfinished: not 0
-    stopped = ckpt_step(os.path.join(b, "ckpt.pt"))
-    assert 2 <= stopped < 40, f"not stopped mid-way (step {stopped})"
-    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
-    assert (torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["rider"][0] is not None) == bool(extra)
+    # the same run, sent SIGTERM right after step 5 (threads as the in-process run's: the same floats)
+    p = spawn_signalled(signal.SIGTERM, 5, *SMALL, *steps, "--out", b, threads=torch.get_num_threads())
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr[-2000:]  # saved but unfinished: not 0
+    assert ckpt_step(os.path.join(b, "ckpt.pt")) == 5                # stopped after the step it was in
+    assert "stopped by SIGTERM" in p.stdout and "--resume" in p.stdout
+    riders = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["method"][0]["rider"]
+    assert (riders is not None) == ("--fake-start" in extra)
     r = cli("train", "--resume", "--out", b)
-    assert "done: 40 steps" in r.stdout, r.stderr[-2000:]
+    assert "done: 12 steps" in r.stdout, r.stderr[-2000:]
     A = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     B = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
     for key in ("model", "ema"):

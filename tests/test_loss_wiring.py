@@ -1,6 +1,7 @@
 """SelfE.step_loss wires Eqs. 7-21 together as the paper says: which pass sees which weights, time and prompt."""
 import torch
 
+import levers
 import losses
 
 
@@ -117,18 +118,18 @@ class Scaled(torch.nn.Module):
         return self.a * x * (1 + s.view(-1, 1, 1, 1))
 
 
-def test_consistency_share_regresses_on_the_shortcut_target():
-    """--consistency 1 --consistency-target shortcut: every jump's loss is ||V - V_tgt||^2 with V_tgt from two
-    half jumps of the live net, every s = t sample keeps flow matching's ||G - x0||^2 (Eq. 7); lambda plays no part."""
+def test_shortcut_lever_regresses_its_share_on_the_shortcut_target():
+    """levers.Levers(shortcut=1) (--shortcut 1): every jump's loss is ||V - V_tgt||^2 with V_tgt from two half jumps
+    of the live net, every s = t sample keeps flow matching's ||G - x0||^2 (Eq. 7); lambda plays no part."""
     x0, ids, t, s, jump, eps, eps2 = setup(8)
     net = Scaled()
-    method = losses.SelfE(null_tok(), 0.0, evaluator=net, live=net, consistency=1.0, consistency_target="shortcut")
+    method = levers.Levers(null_tok(), 0.0, evaluator=net, live=net, shortcut=1.0)
     total, _, _ = method.step_loss(net, x0, ids, t, s, jump, eps, eps2)
     x_t = losses.add_noise(x0, eps, t)
     with torch.no_grad():
         G = losses.G(net, x_t, t, s, ids)
         want = losses.per_sample_mse(G, x0)
-        v_tgt = losses.shortcut_target(net, x_t[jump], t[jump], s[jump], ids[jump])
+        v_tgt = levers.shortcut_target(net, x_t[jump], t[jump], s[jump], ids[jump])
         want[jump] = losses.per_sample_mse(G[jump], x_t[jump] - losses.bcast(t[jump]) * v_tgt)
         want = (losses.time_weight(t) * want).mean()
     assert torch.allclose(total, want, rtol=1e-5)
@@ -137,44 +138,44 @@ def test_consistency_share_regresses_on_the_shortcut_target():
     assert not torch.allclose(total, plain, rtol=1e-3)
 
 
-def test_landing_noise_uniform_evaluates_between_s_and_t_with_lambda_of_s():
-    """--landing-noise uniform (ours): the landing point is re-noised and evaluated at one s' in [s, t] per jump,
-    the same s' for every evaluation pass and for the fake-branch riders; lambda stays lambda_{s,t} (Eq. 17)."""
-    B = 8
-    x0, ids, t, s, jump, eps, eps2 = setup(B, seed=3)
-    P = torch.randn(B, 3, 4, 4)
-    ema, live = Fixed(torch.randn(B // 2, 3, 4, 4)), Fixed(torch.randn(B // 2, 3, 4, 4))
-    method = losses.SelfE(null_tok(), 0.0, ema, live, landing_noise="uniform", generator=torch.Generator().manual_seed(0))
-    _, lam, landing = method.self_evaluate(P, ids, t, s, jump, eps2)
-    s_eval = ema.calls[0]["t"]
-    assert torch.equal(live.calls[0]["t"], s_eval) and torch.equal(landing["s"], s_eval)
-    assert (s_eval >= s[jump]).all() and (s_eval <= t[jump]).all() and (s_eval > s[jump] + 1e-4).all()
-    se = s_eval.view(-1, 1, 1, 1)
-    assert torch.allclose(landing["x"], (1 - se) * P[jump] + se * eps2[jump], atol=1e-6)
-    has_caption = (ids[jump] != 0).any(1).float()
-    assert torch.allclose(lam[jump], losses.lambda_st(s[jump], t[jump]) * has_caption)
-    # the paper's default evaluates at s itself
-    paper = Fixed(torch.randn(B // 2, 3, 4, 4))
-    losses.SelfE(null_tok(), 0.0, paper, Fixed(torch.randn(B // 2, 3, 4, 4))).self_evaluate(P, ids, t, s, jump, eps2)
-    assert torch.equal(paper.calls[0]["t"], s[jump])
-
-
-def test_grid_jumps_are_the_samplers_steps():
-    """--grid-jumps (ours): each drawn pair (t, s) is a step (t_k, t_{k+1}) of sampler.schedule(N) for N in 1/2/4/8,
-    every N turns up, and SelfE replaces exactly that share of its jumps (the s = t half stays flow matching)."""
-    import sampler
-    mu = 0.8
-    t, s = losses.grid_pairs(400, mu, torch.Generator().manual_seed(0))
-    assert (s < t).all()
-    grids = {N: sampler.schedule(N, mu).clamp(max=1 - 1e-3) for N in (1, 2, 4, 8)}
-    seen = set()
-    for ti, si in zip(t.tolist(), s.tolist()):
-        hits = [N for N, g in grids.items() for k in range(N)
-                if abs(g[k] - ti) < 1e-6 and abs(g[k + 1] - si) < 1e-6]
-        assert hits, (ti, si)
-        seen.update(hits)
-    assert seen == {1, 2, 4, 8}
-    method = losses.SelfE(null_tok(), mu, None, None, grid_jumps=0.5, generator=torch.Generator().manual_seed(1))
-    t, s, jump = method.times(64, progress=0.0)   # tau = 0: the sampled jumps have s = t; only grid pairs jump
-    moved = (s < t).nonzero().flatten()
-    assert len(jump) == 32 and len(moved) == 16 and set(moved.tolist()) <= set(jump.tolist())
+def test_flow_target_lever_takes_the_jumps_at_s_0_and_near_0_and_leaves_the_rest_to_self_evaluation():
+    """levers.Levers(flow_target=f) (--flow-target f): a share f of the jumps is drawn at s = 0; those, and every
+    other jump with s <= flow_below * t, regress on K Euler steps of the teacher's flow head (s = t); the other
+    jumps keep Self-E's target, the s = t half flow matching."""
+    B = 64
+    g = torch.Generator().manual_seed(5)
+    method = levers.Levers(null_tok(), 0.0, None, None, flow_target=0.25, flow_below=0.1, generator=g)
+    t, s, jump = method.times(B, progress=1.0)
+    at_zero = jump[:round(0.25 * len(jump))]
+    assert len(jump) == B // 2 and (s[at_zero] == 0).all() and (s[jump[len(at_zero):]] > 0).all()
+    # the loss: teacher Scaled (V depends on s, so K Euler steps of its s = t head differ from one jump)
+    x0 = torch.randn(B, 3, 4, 4, generator=g)
+    ids = torch.randint(1, 9, (B, 5), generator=g)
+    eps, eps2 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    net, teacher = Scaled(), Scaled()
+    with torch.no_grad():
+        teacher.a.fill_(0.3)
+    method = levers.Levers(null_tok(), 0.0, evaluator=net, live=net, flow_target=0.25, flow_steps=3, teacher=teacher)
+    total, _, _ = method.step_loss(net, x0, ids, t, s, jump, eps, eps2)
+    paper = losses.SelfE(null_tok(), 0.0, evaluator=net, live=net)
+    x_t = losses.add_noise(x0, eps, t)
+    with torch.no_grad():
+        G = losses.G(net, x_t, t, s, ids)
+        x_self, lam, _ = paper.self_evaluate(G, ids, t, s, jump, eps2)
+        want = paper.pair_loss(G, x0, x_self, lam, None)
+        rest = jump[len(at_zero):]
+        flow = torch.cat([at_zero, rest[s[rest] <= 0.1 * t[rest]]])
+        assert len(flow) > len(at_zero)                            # some drawn jumps are near 0 too
+        x = x_t[flow]                                              # three Euler steps of the teacher, t -> s
+        for k in range(3):
+            r = t[flow] + (s[flow] - t[flow]) * k / 3
+            r2 = t[flow] + (s[flow] - t[flow]) * (k + 1) / 3
+            x = x - losses.bcast(r - r2) * teacher(x, r, r, ids[flow])
+        v_tgt = (x_t[flow] - x) / losses.bcast(t[flow] - s[flow])  # the average velocity from t to s
+        target = x_t[flow] - losses.bcast(t[flow]) * v_tgt
+        assert torch.allclose(target[:len(at_zero)], x[:len(at_zero)], atol=1e-6)   # at s = 0: the landing itself
+        want[flow] = losses.per_sample_mse(G[flow], target)
+        want = (losses.time_weight(t) * want).mean()
+    assert torch.allclose(total, want, rtol=1e-5)
+    plain, _, _ = paper.step_loss(net, x0, ids, t, s, jump, eps, eps2)
+    assert not torch.allclose(total, plain, rtol=1e-3)

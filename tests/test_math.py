@@ -138,7 +138,6 @@ def test_sample_s_half_jumps_and_respects_tau():
         assert torch.equal(s[stay], t[stay])                         # the other half: s = t
         if tau > 0:
             assert (s[jump] < t[jump]).all()
-    _, _ = losses.sample_s(t, 1.0, g)
     s, _ = losses.sample_s(t, 1.0, g)
     assert (s / t).min() < 0.01  # tau = 1: jumps reach all the way to s ~ 0
     # P(s = t) = 0.5 for every sample (the half is a random half)

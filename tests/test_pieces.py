@@ -12,15 +12,7 @@ import model as models
 import sample
 import sampler
 import train
-from test_loss_wiring import null_tok
-
-
-def tiny():
-    torch.manual_seed(0)
-    net = models.DiT(vocab_size=20, max_text_len=6, image_size=8, dim=32, depth=2, heads=2, patch=4, text_layers=1)
-    for p in net.parameters():
-        p.data += 0.05 * torch.randn_like(p)
-    return net
+from conftest import null_tok, tiny_dit as tiny
 
 
 def test_muon_takes_exactly_the_blocks_matrices_and_adam_the_rest():
@@ -82,7 +74,7 @@ def test_accumulated_micro_steps_give_the_mean_gradient_and_sync_only_on_the_las
     ddp = FakeDDP(net)
     losses_k = []
     for i, x0 in enumerate(x):
-        loss, _ = train.micro_step(method, ddp, x0, ["a"] * 4, 0.0, 3, i == 2, True, contextlib.nullcontext())
+        loss, _ = train.micro_step(method, ddp, x0, ["a"] * 4, 0.0, accum=3, sync=i == 2, autocast=contextlib.nullcontext())
         losses_k.append(loss.detach())
     assert ddp.synced == [False, False, True]          # all-reduce once, on the last micro-batch
     accumulated = [p.grad.clone() for p in net.parameters()]
@@ -117,11 +109,13 @@ def test_the_fake_branch_trains_next_step_on_this_steps_landings():
 
 
 def test_sampling_defaults_per_method_and_explicit_values_win():
-    for method, want in sampler.DEFAULTS.items():
-        assert sample.sampling_defaults({"method": method}) == want
-    assert sample.sampling_defaults({"method": "flow"})["s_mode"] == "same"
-    assert sample.sampling_defaults({"method": "selfe", "cfg": 3.0})["omega"] == 3.0     # the run's --cfg
-    got = sample.sampling_defaults({"method": "selfe", "cfg": 3.0}, omega=1.5, eta=0.0, s_mode=0.0)
+    # each method's sampler, as README and the paper give it (not read back from sampler.DEFAULTS)
+    assert sample.sampling_defaults({"method": "selfe"}) == dict(omega=1.0, eta=1.0, s_mode="next")
+    assert sample.sampling_defaults({"method": "flow"}) == dict(omega=2.0, eta=0.0, s_mode="same")
+    assert sample.sampling_defaults({"method": "meanflow"}) == dict(omega=1.0, eta=0.0, s_mode="next")
+    assert sample.sampling_defaults({"method": "selfe", "omega": 3.0})["omega"] == 3.0   # the run's --omega
+    assert sample.sampling_defaults({"method": "selfe", "cfg": 3.0})["omega"] == 3.0     # ... as older runs named it
+    got = sample.sampling_defaults({"method": "selfe", "omega": 3.0}, omega=1.5, eta=0.0, s_mode=0.0)
     assert got == dict(omega=1.5, eta=0.0, s_mode=0.0)                                 # 0.0 is a value
     assert sampler.target_time(0.8, 0.2, 0.0) == 0.2 and sampler.target_time(0.8, 0.2, 0.5) == pytest.approx(0.5)
     assert sampler.target_time(0.8, 0.2, "same") == 0.8

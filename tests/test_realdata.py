@@ -1,6 +1,5 @@
 """CC3M webdataset shards and folders: broken files skipped and counted, shards split without overlap."""
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -8,25 +7,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import cli
-
-
-def encode(img, fmt):
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
-
-
-def rgb(seed, size=(40, 30)):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+from conftest import cli, encode, rgb, write_tar
 
 
 def write_shards(folder, n_shards, per_shard, caption):

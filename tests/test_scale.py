@@ -6,9 +6,7 @@ import os
 import pytest
 import torch
 
-import losses
-from conftest import spawn
-from model import DiT
+from conftest import selfe, spawn, step_inputs as tiny_step_inputs, tiny_dit as tiny_net
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # spawn adds python
 
@@ -31,27 +29,6 @@ def test_train_under_torchrun_then_resume_in_one_process(tmp_path):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     r = spawn(*args, "--resume", "--max-steps", "6", timeout=300)
     assert r.returncode == 0 and "done: 6 steps" in r.stdout, r.stderr[-3000:]
-
-
-def tiny_step_inputs(B=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(B, 3, 8, 8, generator=g)
-    ids = torch.randint(1, 20, (B, 6), generator=g)
-    t = losses.sample_t(B, 0.0, g)
-    s, jump = losses.sample_s(t, 1.0, g)
-    return x0, ids, t, s, jump, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
-
-
-def selfe(ema, live):
-    return losses.SelfE(lambda captions: torch.zeros(len(captions), 6, dtype=torch.long), 0.0, ema, live)
-
-
-def tiny_net():
-    torch.manual_seed(0)
-    net = DiT(vocab_size=20, max_text_len=6, image_size=8, dim=32, depth=2, heads=2, patch=4, text_layers=1)
-    for p in net.parameters():
-        p.data += 0.05 * torch.randn_like(p)
-    return net
 
 
 def test_bf16_autocast_step_on_cpu():

@@ -7,7 +7,7 @@ import pytest
 
 from scripts import benchmark
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 
 def rows(scores):
@@ -144,3 +144,36 @@ def test_shipped_weights_reproduce_the_committed_scores_at_1_and_2_steps():
     rows = evaluate.evaluate(sample.make_generate(net, tok, cfg), [1, 2], 50, 4, cfg["image_size"], seed=0)
     for k in ("1", "2"):
         assert abs(rows[k]["overall"] - shipped["rows"][k]["overall"]) <= 0.01, (k, rows[k], shipped["rows"][k])
+
+
+def test_the_memory_probe_runs_in_a_fresh_process():
+    """benchmark.peak_memory starts `python -c` from the repository root (the module lives in scripts/): a
+    training step of the tiny model at batch 64 raises the peak by some MB."""
+    assert benchmark.peak_memory("flow") > 1
+
+
+def test_lastjump_probe_reads_zero_for_a_jump_that_is_the_flow_head(tiny_ckpt, monkeypatch):
+    """scripts.diagnose --lastjump: a network whose jump ignores s (the last jump IS the flow prediction, as the
+    paper's Self-E learns at convergence) reads last_vs_flow 0; the trained tiny run's jump does not. The first
+    jump finished by K flow steps costs 1 + K network calls per image."""
+    import model as models
+    from scripts import diagnose
+    ckpt = models.load_checkpoint(tiny_ckpt)
+    real = diagnose.lastjump(ckpt, per_task=1, n=1, K=(2, 4), batch=32)
+    assert real["last_vs_flow"] > 0 and real["posterior_spread"] > 0
+    assert real["left_the_mean"] == real["last_vs_flow"] / real["posterior_spread"]
+    assert set(real["first_jump_then"]) == {"2", "4"}
+    build, calls = models.from_checkpoint, []
+
+    def flat(*a, **k):  # the same network with s replaced by t: every jump is the flow head
+        net = build(*a, **k)
+        forward = net.forward
+        net.forward = lambda x, t, s, ids: calls.append(len(x)) or forward(x, t, t, ids)
+        return net
+    monkeypatch.setattr(diagnose.models, "from_checkpoint", flat)
+    res = diagnose.lastjump(ckpt, per_task=1, n=1, K=(), batch=32)
+    assert res["last_vs_flow"] == 0 and res["left_the_mean"] == 0
+    calls.clear()
+    tok = diagnose.data.Tokenizer(ckpt["tokenizer"], ckpt["config"]["max_text_len"])
+    diagnose.first_jump_then(flat(ckpt, tok.vocab_size), tok, ckpt["config"], 4)(["a red circle"] * 3, 2)
+    assert calls == [3] * 5

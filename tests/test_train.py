@@ -3,20 +3,20 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import data
 import golden
-from conftest import ROOT, cli, spawn
+import levers
+import losses
+import train
+from conftest import SMALL as FLAGS, ckpt_step, cli, spawn, spawn_signalled
 
-SMALL = ["--batch-size", "32", "--max-minutes", "0", "--sample-every", "0", "--log-every", "2",
-         "--precision", "fp32", "--no-compile"]  # on a GPU too: the exactness tests need fp32, eager
+SMALL = [*FLAGS, "--batch-size", "32"]
 
 
 def run(script, *args, check=True):
@@ -27,30 +27,17 @@ def run(script, *args, check=True):
     return r
 
 
-def ckpt_step(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)["step"]
-    except Exception:
-        return -1
-
-
 @pytest.mark.slow  # the SIGTERM test in test_faults.py checks exact resume in the default run
 def test_kill_resume_is_exact(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     steps = ["--max-steps", "12", "--ckpt-every", "3"]
     r = spawn("train.py", *SMALL, *steps, "--out", a, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    # the same run, killed (SIGKILL: no chance to clean up) after its first checkpoint, then resumed
-    p = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--out", b], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the same run, killed (SIGKILL: no chance to clean up) right after its checkpoint at step 6, then resumed
+    p = spawn_signalled(signal.SIGKILL, 6, *SMALL, *steps, "--out", b, on="save")
+    assert p.returncode == -signal.SIGKILL
     ck = os.path.join(b, "ckpt.pt")
-    deadline = time.time() + 240
-    while ckpt_step(ck) < 3 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    killed_at = ckpt_step(ck)
-    assert 3 <= killed_at < 12, f"the run was not killed mid-way (checkpoint at step {killed_at})"
+    assert ckpt_step(ck) == 6
     r = spawn("train.py", "--resume", "--out", b, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "done: 12 steps" in r.stdout
@@ -84,7 +71,7 @@ def test_log_sample_and_evaluate_a_run(tmp_path, tiny_ckpt):
     rows = json.load(open(tmp_path / "shapes_eval.json"))["rows"]
     assert set(rows) == {"1", "2"}
     for row in rows.values():  # overall is the unweighted mean of the six tasks, each a fraction of 2 images
-        tasks = [row[t] for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")]
+        tasks = [row[t] for t in data.TASKS]
         assert row["overall"] == pytest.approx(sum(tasks) / 6) and all(v in (0, 0.5, 1) for v in tasks)
         assert row["swd"] > 0
     assert os.path.exists(tmp_path / "shapes_eval.png")
@@ -117,10 +104,28 @@ def test_flow_method_and_fake_term_run(tmp_path):
     run("train.py", *SMALL, "--max-steps", "4", "--batch-size", "8", "--fake-start", "0.25", "--out", str(tmp_path / "k"))
     recs = [json.loads(l) for l in open(tmp_path / "k" / "log.jsonl")]
     assert recs[-1]["fake_on"] and recs[-1]["fake"] > 0
-    f = [json.loads(l) for l in open(tmp_path / "f" / "log.jsonl")]
-    assert all(r["self"] == 0 for r in f)
     cfg = torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["config"]
     assert cfg["method"] == "flow"
+
+
+@pytest.mark.parametrize("flags, cls", [(["--method", "flow"], losses.FlowMatching), ([], losses.SelfE),
+                                        (["--method", "meanflow"], losses.MeanFlow),
+                                        (["--flow-target", "0.25"], levers.Levers), (["--shortcut", "0.25"], levers.Levers)])
+def test_each_method_flag_builds_its_object_and_its_jumps(flags, cls):
+    """--method picks the method object, a lever flag the paper's Self-E plus levers.Levers; flow matching never
+    jumps (s = t), the others do, and --flow-target draws its share of the jumps at s = 0."""
+    args = train.get_args([*flags, "--out", "unused"])
+    env = train.Env(False, 0, 1, 0, "cpu", None)
+    tok = lambda captions: torch.zeros(len(captions), args.max_text_len, dtype=torch.long)
+    tok.vocab_size = 64
+    model, ema, _, gen = train.make_model(args, env, tok, None)
+    method, net = train.make_method(args, env, tok, model, ema, gen)
+    assert type(method) is cls and net is model
+    t, s, jump = method.times(64, 0.9)
+    moved = (s < t).nonzero().flatten()
+    assert (len(jump) == 0 and torch.equal(s, t)) if cls is losses.FlowMatching else len(moved) > 0
+    assert set(moved.tolist()) <= set(jump.tolist())
+    assert ((s[jump] == 0).sum() >= 4) == ("--flow-target" in flags)   # a quarter of the 32 jumps at s = 0
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=[] if m == "selfe" else pytest.mark.slow)
@@ -136,13 +141,28 @@ def test_training_matches_the_golden_fingerprints(tmp_path, method):
         assert got[which] == pytest.approx(want[which], abs=2e-3), (which, got[which])
 
 
-def test_snapshots_keep_copies_along_the_run(tmp_path):
+class TickingClock:
+    """train.py's `time` module with a clock that moves one second per reading: the budget clock passes a
+    snapshot's minute mark after a known number of readings, on any machine speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        self.now += 1.0
+        return self.now
+
+    process_time = time
+
+
+def test_snapshots_keep_copies_along_the_run(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run("train.py", *SMALL, "--max-steps", "30", "--batch-size", "4", "--snapshots", "0.002", "--snapshot-steps", "7",
+    monkeypatch.setattr(train, "time", TickingClock())
+    run("train.py", *SMALL, "--max-steps", "30", "--batch-size", "4", "--snapshots", "0.1", "--snapshot-steps", "7",
         "--out", str(out))
-    snap = torch.load(out / "ckpt_0.002min.pt", weights_only=True)
+    snap = torch.load(out / "ckpt_0.1min.pt", weights_only=True)
     final = torch.load(out / "ckpt.pt", weights_only=True)
-    assert 0 < snap["step"] < final["step"] == 30 and snap["elapsed"] >= 0.002 * 60
+    assert 0 < snap["step"] < final["step"] == 30 and snap["elapsed"] >= 0.1 * 60
     by_step = torch.load(out / "ckpt_7steps.pt", weights_only=True)   # step-matched curves: after step 7 exactly
     assert by_step["step"] == 7 and by_step["elapsed"] < final["elapsed"]
 
