@@ -43,6 +43,36 @@ MAY_CHANGE = {"max_steps", "max_minutes", "log_every", "sample_every", "ckpt_eve
 # -----------------------------------------------------------------------------
 # the flags
 
+def check_args(p, args):
+    """Bad values fail here, with one line naming the flag, before any work starts."""
+    dim, depth, heads, patch = (args.arch[k] for k in ("dim", "depth", "heads", "patch"))
+    for bad, msg in [
+        (args.batch_size < 1, "--batch-size must be at least 1"),
+        (args.grad_accum < 1, "--grad-accum must be at least 1"),
+        (args.max_steps < 1, "--max-steps must be at least 1"),
+        (args.max_minutes is not None and args.max_minutes < 0, "--max-minutes must be >= 0 (0: no time budget)"),
+        (args.lr <= 0 or args.lr_min < 0, "--lr must be > 0 and --lr-min >= 0"),
+        (args.warmup < 0, "--warmup must be >= 0"),
+        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
+        (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
+        (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
+        (not 0 <= args.fake_k <= 1, "--fake-k must be in [0, 1]"),
+        (not 0 <= args.shortcut <= 1 or not 0 <= args.flow_target <= 1 or args.shortcut + args.flow_target > 1,
+         "--shortcut and --flow-target must be shares in [0, 1] that add up to at most 1"),
+        (args.flow_steps < 1 or not 0 <= args.flow_below <= 1, "--flow-steps must be >= 1, --flow-below in [0, 1]"),
+        (args.method != "selfe" and (args.shortcut or args.flow_target), "--shortcut and --flow-target are Self-E's levers (--method selfe)"),
+        (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
+         "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
+        (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
+        (args.arch.get("time_scale", 1) <= 0, "--time-scale must be > 0"),
+        (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
+        (args.image_size < 1 or args.image_size % max(patch, 1),
+         f"--image-size {args.image_size} must be a positive multiple of the patch size {patch}"),
+    ]:
+        if bad:
+            p.error(msg)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, not argparse's 20-line usage block first."""
@@ -138,37 +168,6 @@ def get_args(argv=None):
         args.max_minutes = 15.0 if args.dataset == "shapes" else 0.0
     args.out = args.out or f"runs/{args.dataset}" + ("" if args.method == "selfe" else f"-{args.method}")
     return args
-
-
-def check_args(p, args):
-    """Bad values fail here, with one line naming the flag, before any work starts."""
-    dim, depth, heads, patch = (args.arch[k] for k in ("dim", "depth", "heads", "patch"))
-    for bad, msg in [
-        (args.batch_size < 1, "--batch-size must be at least 1"),
-        (args.grad_accum < 1, "--grad-accum must be at least 1"),
-        (args.max_steps < 1, "--max-steps must be at least 1"),
-        (args.max_minutes is not None and args.max_minutes < 0, "--max-minutes must be >= 0 (0: no time budget)"),
-        (args.lr <= 0 or args.lr_min < 0, "--lr must be > 0 and --lr-min >= 0"),
-        (args.warmup < 0, "--warmup must be >= 0"),
-        (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
-        (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
-        (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
-        (not 0 <= args.fake_k <= 1, "--fake-k must be in [0, 1]"),
-        (not 0 <= args.shortcut <= 1 or not 0 <= args.flow_target <= 1 or args.shortcut + args.flow_target > 1,
-         "--shortcut and --flow-target must be shares in [0, 1] that add up to at most 1"),
-        (args.flow_steps < 1 or not 0 <= args.flow_below <= 1, "--flow-steps must be >= 1, --flow-below in [0, 1]"),
-        (args.method != "selfe" and (args.shortcut or args.flow_target), "--shortcut and --flow-target are Self-E's levers (--method selfe)"),
-        (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
-         "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
-        (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
-        (args.arch.get("time_scale", 1) <= 0, "--time-scale must be > 0"),
-        (dim % max(heads, 1), f"--dim {dim} must be a multiple of --heads {heads}"),
-        (args.image_size < 1 or args.image_size % max(patch, 1),
-         f"--image-size {args.image_size} must be a positive multiple of the patch size {patch}"),
-    ]:
-        if bad:
-            p.error(msg)
-
 
 
 # -----------------------------------------------------------------------------
@@ -427,7 +426,6 @@ class Log:
         self.bar.close()
         if self.file:
             self.file.close()
-
 
 
 # -----------------------------------------------------------------------------

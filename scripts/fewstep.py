@@ -1,7 +1,7 @@
 """The few-step speedrun's table (issue: Self-E's 1-2 step samples): collect the finished runs of
 scripts/fewstep_job.sh into bench/fewstep/results.json and results.md.
 
-    bash scripts/fewstep_job.sh selfe_cons0.25_s0 --consistency 0.25    # one run: 30 CPU-minutes, then scored
+    bash scripts/fewstep_job.sh selfe_ft0.25_s0 --flow-target 0.25      # one run: 30 CPU-minutes, then scored
     HALF=1 bash scripts/fewstep_job.sh selfe_ts10_s0 --time-scale 10    # or only to its 15-minute snapshot
     python -m scripts.fewstep                                           # the table
 
@@ -26,12 +26,16 @@ def collect(runs_dir=os.path.join(OUT, "runs")):
     res = json.load(open(saved)) if os.path.exists(saved) else {}
     for name in sorted(os.listdir(runs_dir) if os.path.isdir(runs_dir) else []):
         d = os.path.join(runs_dir, name)
-        evals = {m: os.path.join(d, f"eval{m}", "shapes_eval.json") for m in ("15", "30")}
-        evals = {m: path for m, path in evals.items() if os.path.exists(path)}  # a half run has the 15 only
+        if not os.path.isdir(d):  # the runs' logs sit beside their folders
+            continue
+        evals = {e[4:]: os.path.join(d, e, "shapes_eval.json") for e in os.listdir(d) if e.startswith("eval")}
+        evals = {m: path for m, path in evals.items() if os.path.exists(path)}  # "15", "30" or "<N>steps"
         if not evals:
             continue
         cfg = json.load(open(os.path.join(d, "config.json")))
-        files = {"30": "ckpt.pt", "15": models.snapshot_name(minutes=15)}
+        files = {m: "ckpt.pt" if m == "30" else models.snapshot_name(minutes=15) if m == "15" else
+                 models.snapshot_name(step=int(m[:-5])) for m in evals}
+        files = {m: f if os.path.exists(os.path.join(d, f)) else "ckpt.pt" for m, f in files.items()}  # the last one
         ck = {m: models.load_checkpoint(os.path.join(d, files[m])) for m in evals}
         res[name] = dict(method=cfg["method"], argv={k: cfg[k] for k in cfg.get("given", []) if k in cfg},
                          **{m: dict(steps=ck[m]["step"], cpu_minutes=round(ck[m]["elapsed"] / 60, 2),
@@ -40,17 +44,23 @@ def collect(runs_dir=os.path.join(OUT, "runs")):
 
 
 def table(res, budget="30"):
-    lines = [f"| run ({budget} CPU-min) | flags | optimiser steps | 1 | 2 | 4 | 8 | 50 | 2 steps: " +
-             " / ".join(TASKS) + " |", "|---" * 9 + "|"]
+    """One row per run at this budget ("30", "15": CPU-minutes; "<N>steps": step-matched): ShapesEval overall at
+    1-50 steps, the single-object spread against the renders' at 1 / 2 / 50 steps (1: the data; a collapse reads
+    low; "-" where not measured), the 2-step score per task."""
+    what = f"{budget} CPU-min" if budget.isdigit() else budget.replace("steps", " steps")
+    lines = [f"| run ({what}) | flags | optimiser steps | 1 | 2 | 4 | 8 | 50 | spread 1 / 2 / 50 | 2 steps: " +
+             " / ".join(TASKS) + " |", "|---" * 10 + "|"]
+    sp = lambda row: f"{row['spread']:.2f}" if "spread" in row else "-"
     for name, r in res.items():
         if budget not in r:
             continue
         rows = r[budget]["rows"]
-        hidden = ("out", "max_minutes", "clock", "sample_every", "snapshots")  # the protocol's own flags
+        hidden = ("out", "max_minutes", "clock", "sample_every", "snapshots", "max_steps", "snapshot_steps")
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["argv"].items()
                          if k not in hidden and (k, v) != ("seed", 0))
         lines.append(f"| {name} | {flags or '(adopted recipe)'} | {r[budget]['steps']:,} | " +
                      " | ".join(f"{rows[k]['overall']:.3f}" for k in ("1", "2", "4", "8", "50")) + " | " +
+                     " / ".join(sp(rows[k]) for k in ("1", "2", "50")) + " | " +
                      " / ".join(f"{rows['2'][t]:.2f}" for t in TASKS) + " |")
     return "\n".join(lines)
 
@@ -66,7 +76,9 @@ def main():
           "Made by `python -m scripts.fewstep` from `results.json`; see `scripts/fewstep.py` for the protocol.", "",
           table(res, "30"), "", "The 15-minute snapshots (one learning-rate schedule of 30 minutes; runs stopped there by "
           "`HALF=1 scripts/fewstep_job.sh` have this row only):", "",
-          table(res, "15"), ""]
+          table(res, "15"), "", "Step-matched runs (`STEPS=N scripts/fewstep_job.sh`: N optimiser steps, the learning rate "
+          "decayed over them, a snapshot at N / 2), 2026-11-30:", "", table(res, "3000steps"), "",
+          table(res, "1500steps"), ""]
     open(os.path.join(OUT, "results.md"), "w").write("\n".join(md))
     print("\n".join(md))
 
