@@ -146,6 +146,7 @@ def test_shipped_weights_reproduce_the_committed_scores_at_1_and_2_steps():
         assert abs(rows[k]["overall"] - shipped["rows"][k]["overall"]) <= 0.01, (k, rows[k], shipped["rows"][k])
 
 
+@pytest.mark.slow  # a fresh interpreter and three training steps
 def test_the_memory_probe_runs_in_a_fresh_process():
     """benchmark.peak_memory starts `python -c` from the repository root (the module lives in scripts/): a
     training step of the tiny model at batch 64 raises the peak by some MB."""
