@@ -43,14 +43,15 @@ def flow_target(net, x_t, t, s, ids, steps):
 
 class Levers(SelfE):
     """Self-E with the levers above. shortcut: share of the jumps on the shortcut target; flow_target: share of the
-    jumps drawn at s = 0 and put, with every jump at s <= flow_below * t, on the flow target of `flow_steps` Euler
-    steps of `teacher` (the EMA; default the evaluator). The shares are disjoint slices of the jumps."""
+    jumps drawn at s = 0 (from t as drawn, or from t = 1 with flow_t="one") and put, with every jump at
+    s <= flow_below * t, on the flow target of `flow_steps` Euler steps of `teacher` (the EMA; default the evaluator).
+    The shares are disjoint slices of the jumps."""
 
     def __init__(self, *args, shortcut=0.0, flow_target=0.0, flow_steps=8, flow_below=0.1, flow_t="drawn", teacher=None,
                  **kw):
         super().__init__(*args, **kw)
         self.shortcut, self.flow_target, self.flow_steps, self.flow_below = shortcut, flow_target, flow_steps, flow_below
-        self.flow_t = flow_t  # the t of the jumps drawn at s = 0: "drawn" (as the rest), "uniform" U(0, 1), "one"
+        self.flow_t = flow_t  # the t of the jumps drawn at s = 0: "drawn" (as the rest) or "one" (the 1-step jump)
         self.teacher = teacher if teacher is not None else self.evaluator
 
     def slices(self, jump):
@@ -62,9 +63,8 @@ class Levers(SelfE):
         t, s, jump = super().times(batch, progress)
         at_zero = self.slices(jump)[0]
         s[at_zero] = 0.0
-        if self.flow_t != "drawn":  # the sampler's first jump starts at t = 1: "one" trains it alone
-            u = torch.rand(len(at_zero), generator=self.gen) if self.flow_t == "uniform" else torch.ones(len(at_zero))
-            t[at_zero] = u.clamp(1e-3, 1 - 1e-3)
+        if self.flow_t == "one":  # the sampler's first jump starts at t = 1: train that jump alone
+            t[at_zero] = 1 - 1e-3
         return t, s, jump
 
     def pair_loss(self, x0_hat, x0, x_self, lam, batch):

@@ -145,6 +145,8 @@ def get_args(argv=None):
                         "--flow-steps Euler steps of the EMA's own flow head")
     g.add_argument("--flow-steps", type=int, default=8, help="Euler steps of the flow target")
     g.add_argument("--flow-below", type=float, default=0.1, help="jumps with s <= this * t take the flow target too")
+    g.add_argument("--flow-t", default="drawn", choices=["drawn", "one"],
+                   help="the t of the jumps drawn at s = 0: as drawn, or 1 (the 1-step jump alone; the lab's best 1 step)")
     g = p.add_argument_group("benchmark protocol")
     g.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="what --max-minutes counts: wall-clock, or this process's CPU time (a run that shares "
@@ -332,7 +334,7 @@ def make_method(args, env, tok, model, ema, gen):
                  generator=gen, device=env.device)
     if args.shortcut or args.flow_target:  # ours: the paper's method plus the levers
         return levers.Levers(tok, mu, evaluator, fast, shortcut=args.shortcut, flow_target=args.flow_target,
-                             flow_steps=args.flow_steps, flow_below=args.flow_below, **paper), net
+                             flow_steps=args.flow_steps, flow_below=args.flow_below, flow_t=args.flow_t, **paper), net
     return losses.SelfE(tok, mu, evaluator, fast, **paper), net
 
 

@@ -56,7 +56,6 @@ VARIANTS = {
     "selfe_flowtgt_below0": dict(method="levers", flow_target=0.25, flow_steps=8, flow_below=0.0),
     "selfe_flowtgt_below03": dict(method="levers", flow_target=0.25, flow_steps=8, flow_below=0.3),
     "selfe_flowtgt_below1": dict(method="levers", flow_target=0.25, flow_steps=8, flow_below=1.0),  # every jump
-    "selfe_flowtgt_tu": dict(method="levers", flow_target=0.25, flow_steps=8, flow_t="uniform"),
     "selfe_flowtgt_t1": dict(method="levers", flow_target=0.25, flow_steps=8, flow_t="one"),
 }
 

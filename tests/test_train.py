@@ -110,7 +110,8 @@ def test_flow_method_and_fake_term_run(tmp_path):
 
 @pytest.mark.parametrize("flags, cls", [(["--method", "flow"], losses.FlowMatching), ([], losses.SelfE),
                                         (["--method", "meanflow"], losses.MeanFlow),
-                                        (["--flow-target", "0.25"], levers.Levers), (["--shortcut", "0.25"], levers.Levers)])
+                                        (["--flow-target", "0.25"], levers.Levers), (["--shortcut", "0.25"], levers.Levers),
+                                        (["--flow-target", "0.25", "--flow-t", "one"], levers.Levers)])
 def test_each_method_flag_builds_its_object_and_its_jumps(flags, cls):
     """--method picks the method object, a lever flag the paper's Self-E plus levers.Levers; flow matching never
     jumps (s = t), the others do, and --flow-target draws its share of the jumps at s = 0."""
@@ -126,6 +127,8 @@ def test_each_method_flag_builds_its_object_and_its_jumps(flags, cls):
     assert (len(jump) == 0 and torch.equal(s, t)) if cls is losses.FlowMatching else len(moved) > 0
     assert set(moved.tolist()) <= set(jump.tolist())
     assert ((s[jump] == 0).sum() >= 4) == ("--flow-target" in flags)   # a quarter of the 32 jumps at s = 0
+    from_one = t[jump][s[jump] == 0] == 1 - 1e-3                        # --flow-t one: all of them from t = 1
+    assert (from_one.all() and len(from_one) >= 4) == ("--flow-t" in flags)
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=[] if m == "selfe" else pytest.mark.slow)
