@@ -211,6 +211,8 @@ def evaluate(generate, steps_list, per_task=50, n_per_prompt=4, image_size=32, s
     prompts = eval_prompts(per_task)
     captions = [c for c, _ in prompts for _ in range(n_per_prompt)]
     ref = reference_images(prompts, n_per_prompt, image_size) if swd else None
+    single = [j for j in range(len(captions)) if prompts[j // n_per_prompt][1]["task"] == "single_object"]
+    ref_spread = max(spread(ref[single]), 1e-6) if swd else None
     rows = {}
     for steps in steps_list:
         torch.manual_seed(seed)  # the same noise for every step count
@@ -219,9 +221,7 @@ def evaluate(generate, steps_list, per_task=50, n_per_prompt=4, image_size=32, s
                                  for i in range(0, len(captions), batch)])
         rows[str(steps)] = dict(score(images, prompts, n_per_prompt), seconds=round(time.time() - t0, 1))
         if swd:
-            single = [j for j, c in enumerate(captions) if prompts[j // n_per_prompt][1]["task"] == "single_object"]
-            rows[str(steps)].update(swd=patch_swd(images, ref),
-                                    spread=round(spread(images[single]) / max(spread(ref[single]), 1e-6), 4))
+            rows[str(steps)].update(swd=patch_swd(images, ref), spread=round(spread(images[single]) / ref_spread, 4))
     return rows
 
 

@@ -72,11 +72,16 @@ def s_mode_arg(v):
     return a
 
 
+def time_shift(cfg, net):
+    """The run's time shift mu: its --mu, else the one its image token count implies (losses.shift_mu)."""
+    return cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+
+
 def make_generate(net, tok, cfg, omega=None, eta=None, s_mode=None, device="cpu"):
     """generate(prompts, steps, generator=None) -> images (N, 3, H, W) in [-1, 1], for evaluate.py. generator: the
     noise's (CPU) stream; None draws from torch's global one."""
     opts = sampling_defaults(cfg, omega, eta, s_mode)
-    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+    mu = time_shift(cfg, net)
     net = net.to(device)
 
     def generate(prompts, steps, generator=None):

@@ -319,7 +319,7 @@ def make_method(args, env, tok, model, ema, gen):
     """The method object (losses.FlowMatching, losses.SelfE, levers.Levers or losses.MeanFlow) and `net`, the
     module that takes the pass with gradient (compiled and/or DDP-wrapped). The no-grad passes run on compiled
     copies of the model and the EMA; MeanFlow's JVP on the plain model (torch.func cannot go through either)."""
-    mu = args.mu if args.mu is not None else losses.shift_mu(model.grid ** 2)
+    mu = sample.time_shift(vars(args), model)
     fast = torch.compile(model) if args.compile else model
     net = torch.nn.parallel.DistributedDataParallel(fast, device_ids=[env.local] if env.cuda else None) \
         if env.ddp else fast

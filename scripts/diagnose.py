@@ -33,7 +33,7 @@ Writes <ckpt folder>/diagnose.json.
   On 256 shapes images noised to its t_1: last_vs_flow, the RMS of G(x_t1, t1, 0, c) against the model's own
   flow prediction G(x_t1, t1, t1, c) ~ E[x0 | x_t1, c], and posterior_spread, the RMS of the data around that
   mean; their ratio left_the_mean is ~0 when the jump has learned the posterior mean (the paper's Self-E: Delta = 0
-  at s = 0) and ~1.4 (sqrt 2) for a jump that lands on samples as spread as the data. Then ShapesEval overall (10
+  at s = 0) and ~1 for a jump that lands on samples spread like the posterior's. Then ShapesEval overall (10
   prompts per task) of the 2-step sample and of its first jump finished by K = 2 and 4 steps of the flow head.
 """
 import argparse
@@ -92,13 +92,13 @@ def diagnose(ckpt, n=256, seed=99):
 def first_jump_then(net, tok, cfg, K):
     """generate(prompts, steps, generator=None) for evaluate.evaluate: the 2-step sampler's first step (to t_1), then
     K deterministic steps of the model's own flow head (s_k = t_k, eta 0) from t_1 to 0; `steps` is ignored."""
-    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
+    mu = sample.time_shift(cfg, net)
     opts, shape = sample.sampling_defaults(cfg), (3, cfg["image_size"], cfg["image_size"])
+    t1 = sampler.schedule(2, mu)[1].item()
 
     @torch.no_grad()
     def generate(prompts, steps, generator=None):
         ids = tok(prompts)
-        t1 = sampler.schedule(2, mu)[1].item()
         x = sampler.sample(net, ids, tok([""]), 1, mu, shape, ts=[1.0, t1], generator=generator, **opts)  # x_{t_1}
         return sampler.sample(net, ids, tok([""]), K, mu, shape, omega=opts["omega"], eta=0.0, s_mode="same",
                               x=x, ts=torch.linspace(t1, 0, K + 1).tolist())
@@ -111,8 +111,7 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     cfg = ckpt["config"]
     tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
     net = models.from_checkpoint(ckpt, tok.vocab_size)
-    mu = cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
-    t1 = sampler.schedule(2, mu)[1].item()
+    t1 = sampler.schedule(2, sample.time_shift(cfg, net))[1].item()
     x0, captions = data.shapes_batch(seed + 99, 0, batch, cfg["image_size"])
     t = torch.full((batch,), t1)
     x_t = losses.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), t)
