@@ -33,7 +33,9 @@ Writes <ckpt folder>/diagnose.json.
   On 256 shapes images noised to its t_1: last_vs_flow, the RMS of G(x_t1, t1, 0, c) against the model's own
   flow prediction G(x_t1, t1, t1, c) ~ E[x0 | x_t1, c], and posterior_spread, the RMS of the data around that
   mean; their ratio left_the_mean is ~0 when the jump has learned the posterior mean (the paper's Self-E: Delta = 0
-  at s = 0) and ~1 for a jump that lands on samples spread like the posterior's. Then ShapesEval overall (10
+  at s = 0) and ~1 for a jump that lands on samples spread like the posterior's. teacher_vs_flow and
+  last_vs_teacher: where 8 Euler steps of the flow head land from x_t1 (the --flow-target lever's target for this
+  jump), against the flow prediction and against the jump: has the jump learned its target? Then ShapesEval overall (10
   prompts per task) of the 2-step sample and of its first jump finished by K = 2 and 4 steps of the flow head.
 """
 import argparse
@@ -44,6 +46,7 @@ import torch
 
 import data
 import evaluate
+import levers
 import losses
 import model as models
 import sample
@@ -119,6 +122,9 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     flow, last = G(net, x_t, t, t, ids), G(net, x_t, t, torch.zeros(batch), ids)   # s = t: E[x0 | x_t, c]
     out = dict(t1=t1, last_vs_flow=rms(last - flow), posterior_spread=rms(x0 - flow), last_vs_data=rms(last - x0))
     out["left_the_mean"] = out["last_vs_flow"] / out["posterior_spread"]
+    # the --flow-target lever's target for this jump: where 8 Euler steps of the flow head land from x_t1
+    teacher = x_t - t.view(-1, 1, 1, 1) * levers.flow_target(net, x_t, t, torch.zeros(batch), ids, 8)
+    out.update(teacher_vs_flow=rms(teacher - flow), last_vs_teacher=rms(last - teacher))
     gen = sample.make_generate(net, tok, cfg)
     score = lambda g: evaluate.evaluate(g, [2], per_task, n, seed=seed, swd=False)["2"]["overall"]
     out["two_steps"] = score(gen)

@@ -56,13 +56,21 @@ def table(res, budget="30"):
             continue
         rows = r[budget]["rows"]
         hidden = ("out", "max_minutes", "clock", "sample_every", "snapshots", "max_steps", "snapshot_steps")
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["argv"].items()
-                         if k not in hidden and (k, v) != ("seed", 0))
+        flags = r.get("flags") or " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["argv"].items()
+                                           if k not in hidden and (k, v) != ("seed", 0))
         lines.append(f"| {name} | {flags or '(adopted recipe)'} | {r[budget]['steps']:,} | " +
                      " | ".join(f"{rows[k]['overall']:.3f}" for k in ("1", "2", "4", "8", "50")) + " | " +
                      " / ".join(sp(rows[k]) for k in ("1", "2", "50")) + " | " +
                      " / ".join(f"{rows['2'][t]:.2f}" for t in TASKS) + " |")
     return "\n".join(lines)
+
+
+def curves_at(steps):
+    """The committed learning curves' rows at this optimiser step count, to sit beside a step-matched run
+    (bench/curves/results.json: Self-E, MeanFlow and the paper's late fake term at 2,967 / 5,877 / 11,563 / 24,206)."""
+    curves = json.load(open(os.path.join("bench", "curves", "results.json")))["curves"]
+    return {f"{name} (bench/curves)": {"flags": "the committed curve", f"{steps}steps": dict(steps=steps, rows=at)}
+            for name, c in curves.items() for at in c.values() if at["optimiser_steps"] == steps}
 
 
 def main():
@@ -77,8 +85,9 @@ def main():
           table(res, "30"), "", "The 15-minute snapshots (one learning-rate schedule of 30 minutes; runs stopped there by "
           "`HALF=1 scripts/fewstep_job.sh` have this row only):", "",
           table(res, "15"), "", "Step-matched runs (`STEPS=N scripts/fewstep_job.sh`: N optimiser steps, the learning rate "
-          "decayed over them, a snapshot at N / 2), 2026-11-30:", "", table(res, "3000steps"), "",
-          table(res, "1500steps"), ""]
+          "decayed over them, a snapshot at N / 2; the 24,206-step run: the curves' snapshot steps), 2026-11-30:", ""]
+    for b in sorted({b for r in res.values() for b in r if b.endswith("steps")}, key=lambda b: -int(b[:-5])):
+        md += [table({**res, **curves_at(int(b[:-5]))}, b), ""]
     open(os.path.join(OUT, "results.md"), "w").write("\n".join(md))
     print("\n".join(md))
 

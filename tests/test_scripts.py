@@ -174,6 +174,7 @@ def test_lastjump_probe_reads_zero_for_a_jump_that_is_the_flow_head(tiny_ckpt, m
     monkeypatch.setattr(diagnose.models, "from_checkpoint", flat)
     res = diagnose.lastjump(ckpt, per_task=1, n=1, K=(), batch=32)
     assert res["last_vs_flow"] == 0 and res["left_the_mean"] == 0
+    assert res["teacher_vs_flow"] > 0 and res["last_vs_teacher"] == pytest.approx(res["teacher_vs_flow"])
     calls.clear()
     tok = diagnose.data.Tokenizer(ckpt["tokenizer"], ckpt["config"]["max_text_len"])
     diagnose.first_jump_then(flat(ckpt, tok.vocab_size), tok, ckpt["config"], 4)(["a red circle"] * 3, 2)
