@@ -122,8 +122,8 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     flow, last = G(net, x_t, t, t, ids), G(net, x_t, t, torch.zeros(batch), ids)   # s = t: E[x0 | x_t, c]
     out = dict(t1=t1, last_vs_flow=rms(last - flow), posterior_spread=rms(x0 - flow), last_vs_data=rms(last - x0))
     out["left_the_mean"] = out["last_vs_flow"] / out["posterior_spread"]
-    # the --flow-target lever's target for this jump: where 8 Euler steps of the flow head land from x_t1
-    teacher = x_t - t.view(-1, 1, 1, 1) * levers.flow_target(net, x_t, t, torch.zeros(batch), ids, 8)
+    # the --flow-target lever's target for this jump: where the run's --flow-steps (8) Euler steps of the flow head land
+    teacher = x_t - losses.bcast(t) * levers.flow_target(net, x_t, t, torch.zeros(batch), ids, cfg.get("flow_steps", 8))
     out.update(teacher_vs_flow=rms(teacher - flow), last_vs_teacher=rms(last - teacher))
     gen = sample.make_generate(net, tok, cfg)
     score = lambda g: evaluate.evaluate(g, [2], per_task, n, seed=seed, swd=False)["2"]["overall"]
