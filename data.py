@@ -261,6 +261,21 @@ class Tokenizer:
     def decode(self, ids):
         return self.tok.decode([i for i in ids if i != 0])
 
+    def notices(self, prompt):
+        """What the model will not read of a prompt, one line each (sample.py prints them before sampling): words
+        the tokenizer spells in pieces (it never saw them whole in training, e.g. "cat" for shapes) and tokens
+        past max_len (cut)."""
+        enc, out = self.tok.encode(prompt), []
+        pieces = [w for w, _ in self.tok.pre_tokenizer.pre_tokenize_str(prompt.lower())
+                  if w.isalpha() and self.tok.token_to_id(w) is None]
+        if pieces:
+            out.append(f"note: {prompt!r}: words never seen whole in training (spelled in pieces): "
+                       f"{', '.join(dict.fromkeys(pieces))}")
+        if enc.overflowing:
+            n = self.max_len + sum(len([i for i in o.ids if i != 0]) for o in enc.overflowing)
+            out.append(f"note: {prompt!r} has {n} tokens; the model reads the first {self.max_len} (--max-text-len)")
+        return out
+
     def save(self, path):
         with open(path, "w") as f:
             f.write(self.json)

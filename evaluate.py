@@ -274,7 +274,7 @@ def plot(rows, path, reference=None, title="ShapesEval"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sample.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", action="store_true", help="score ground-truth renders (calibration)")
     p.add_argument("--noise", action="store_true", help="score Gaussian noise and blank images (floor)")
     p.add_argument("--ckpt", help="checkpoint to generate with (train.py's ckpt.pt)")
@@ -287,13 +287,15 @@ def main(argv=None):
     p.add_argument("--s-mode", default=None, type=sample.s_mode_arg,
                    help="target time s_k: next (t_{k+1}), same (t_k), mid, or a in [0, 1]: t_{k+1} + a (t_k - t_{k+1})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder, or eval/)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder; eval/shipped for "
+                                               "the shipped weights; eval/ without --ckpt)")
     args = p.parse_args(argv)
     if not (args.reference or args.noise or args.ckpt):
         p.error("say what to score: --reference, --noise or --ckpt PATH")
-    if any(s < 1 for s in args.steps) or args.per_task < 1 or args.n < 1:
-        p.error("--steps, --per-task and --n must be positive")
-    out = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else "eval")
+    sample.check_sampling(p, args)
+    if args.per_task < 1 or args.n < 1:
+        p.error("--per-task and --n must be positive")
+    out = sample.output_folder(args.ckpt, args.out) if args.ckpt else args.out or "eval"
     os.makedirs(out, exist_ok=True)
     rows, size = {}, IMAGE_SIZE
     if args.ckpt:

@@ -17,7 +17,7 @@ A trajectory target does not vanish at s = 0: it is where the ODE from x_t lands
 """
 import torch
 
-from losses import SelfE, bcast, per_sample_mse
+from losses import SelfE, bcast
 
 
 @torch.no_grad()
@@ -67,9 +67,8 @@ class Levers(SelfE):
             t[at_zero] = 1 - 1e-3
         return t, s, jump
 
-    def pair_loss(self, x0_hat, x0, x_self, lam, batch):
-        per_sample = super().pair_loss(x0_hat, x0, x_self, lam, batch)
-        x_t, ids, t, s, jump = (batch[k] for k in ("x_t", "ids", "t", "s", "jump"))
+    def trajectory_targets(self, x_t, ids, t, s, jump):
+        """The hook of losses.SelfE.step_loss: [(shortcut jumps, their V_tgt), (flow-target jumps, theirs)]."""
         at_zero, short = self.slices(jump)
         targets = []
         if len(short):
@@ -80,9 +79,4 @@ class Levers(SelfE):
             if len(flow):
                 targets.append((flow, flow_target(self.teacher, x_t[flow], t[flow], s[flow], ids[flow],
                                                   self.flow_steps)))
-        if not targets:
-            return per_sample
-        per_sample = per_sample.clone()
-        for idx, v_tgt in targets:  # w_t ||G - (x_t - t V_tgt)||^2 = ||V - V_tgt||^2
-            per_sample[idx] = per_sample_mse(x0_hat[idx], x_t[idx] - bcast(t[idx]) * v_tgt)
-        return per_sample
+        return targets

@@ -128,9 +128,17 @@ def time_weight(t, t_min=0.05):
 
 
 def bin_losses(t, loss, bins=4):
-    """Mean loss per time bin [0, 1/bins), ...: shows where in t the model is weak (NaN for an empty bin)."""
-    idx = (t * bins).long().clamp(max=bins - 1)
-    return [loss[idx == b].mean().item() if (idx == b).any() else float("nan") for b in range(bins)]
+    """Mean loss per time bin [0, 1/bins), ...: shows where in t the model is weak (NaN for an empty bin).
+    A (bins,) tensor on loss's device, computed without a host sync (train.py reads it on logging steps only)."""
+    idx = (t * bins).long().clamp(max=bins - 1).to(loss.device)
+    sums = torch.zeros(bins, device=loss.device, dtype=loss.dtype).index_add_(0, idx, loss.detach())
+    return sums / torch.bincount(idx, minlength=bins).to(loss.dtype)      # 0 / 0 = NaN where a bin is empty
+
+
+def time_shift(cfg, grid):
+    """A run's time shift mu: its --mu, else the one its image token count (grid x grid patches) implies. The one
+    rule for training (train.py) and sampling (sample.py, the scripts)."""
+    return cfg["mu"] if cfg.get("mu") is not None else shift_mu(grid ** 2)
 
 
 # -----------------------------------------------------------------------------
@@ -160,14 +168,22 @@ class FlowMatching:
         return t, t, torch.zeros(0, dtype=torch.long)
 
     def draw(self, x0, captions, progress):
-        """The batch's random draws, always in this order: caption dropout, t, s, eps, eps'. (Flow matching
-        draws eps' too, unused, so that both methods read their generator the same way.)"""
+        """The batch's random draws, always in this order: caption dropout, t, s, then the noise eps, eps'. (Flow
+        matching draws eps' too, unused, so that both methods read their generator the same way.) On a CPU the
+        noise comes from the generator itself; on a GPU the generator gives one seed per batch and the noise is
+        drawn on the device from it (no 2 x B x C x H x W host draw and copy per step). Both resume bit for bit:
+        everything follows from the one checkpointed CPU stream."""
         B = x0.shape[0]
         drop = torch.rand(B, generator=self.gen) < self.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]   # dropped: the null prompt
         t, s, jump = self.times(B, progress)
-        eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
-        eps2 = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        if torch.device(self.device).type == "cpu":
+            eps = torch.randn(x0.shape, generator=self.gen)
+            eps2 = torch.randn(x0.shape, generator=self.gen)
+        else:
+            g = torch.Generator(self.device).manual_seed(int(torch.randint(2 ** 62, (), generator=self.gen)))
+            eps = torch.randn(x0.shape, generator=g, device=self.device)
+            eps2 = torch.randn(x0.shape, generator=g, device=self.device)
         to = lambda v: v.to(self.device)
         return captions, to(self.tok(captions)), to(t), to(s), to(jump), eps, eps2
 
@@ -180,9 +196,8 @@ class FlowMatching:
         """The loss of one batch given its draws (s, jump, eps2, fake_ids: unused). Returns (loss, parts, None)."""
         x_t = add_noise(x0, eps, t)
         data_l = time_weight(t) * per_sample_mse(G(net, x_t, t, t, ids), x0)          # Eqs. 7, 21
-        parts = dict(data=data_l.mean().item(), self=0.0, fake=0.0)
-        for b, v in enumerate(bin_losses(t, data_l)):
-            parts[f"data_t{b}"] = v
+        parts = dict(data=data_l.detach().mean(), self=0.0, fake=0.0)
+        parts.update({f"data_t{b}": v for b, v in enumerate(bin_losses(t, data_l))})
         return data_l.mean(), parts, None
 
 
@@ -196,7 +211,7 @@ class SelfE(FlowMatching):
     fake_start: None, or the fraction of training from which the auxiliary fake-score term is on
     (appendix S.1.2): the prompt c_fake = FAKE_PROMPT + " " + caption, and a quarter of the batch's landings
     (the model's own samples) ride in the next batch to train the fake branch (Eq. s.8); k as in Eq. s.6.
-    The levers beyond the paper (ours) subclass this one: levers.py."""
+    The levers beyond the paper (ours) subclass this one (levers.py) through one hook, `trajectory_targets`."""
 
     def __init__(self, tok, mu, evaluator, live, caption_dropout=0.1, tau_anneal=0.4, energy_preserving=True,
                  fake_start=None, k=0.9, generator=None, device="cpu"):
@@ -223,36 +238,34 @@ class SelfE(FlowMatching):
         return total, parts
 
     def step_loss(self, net, x0, ids, t, s, jump, eps, eps2, fake_ids=None):
-        """The loss of one batch given its draws, with ONE forward pass with gradient (Eqs. 7-21).
-
-        x0 (B, C, H, W) data, ids (B, L) prompts (all zeros where the caption was dropped), t, s (B,),
-        jump: indices with s < t, eps, eps2: noise for x_t and for re-noising the landing point,
-        fake_ids: None, or (B, L) prompts c_fake (the fake-score term is on; self.rider then rides along).
+        """One training step given its draws, the summary at the top of this file line by line, with ONE forward
+        pass with gradient. x0 (B, C, H, W) data, ids (B, L) prompts (all zeros where the caption was dropped),
+        t, s (B,), jump: the indices with s < t, eps, eps2: noise for x_t and for re-noising the landing point,
+        fake_ids: None, or (B, L) prompts c_fake (the fake-score term is on).
         Returns (total, parts, landing): total = target + fake, the loss minimised; parts = its two terms and
         diagnostics (see `diagnostics`); landing = this step's re-noised landing points, for the fake branch."""
-        B = x0.shape[0]
         x_t = add_noise(x0, eps, t)
-        rider = self.rider if fake_ids is not None else None
-        inputs = (x_t, t, s, ids)
-        if rider is not None:  # the fake branch rides in the same batch: G(sg[x_s_hat], s, s, c_fake)
-            inputs = tuple(torch.cat([a, rider[k]]) for a, k in zip(inputs, ("x", "s", "s", "ids")))
-        out = G(net, *inputs)                                             # the one pass with gradient
-        x0_hat = out[:B]                                                  # G(x_t, t, s, c)
-
+        x0_hat, fake = self.jump_and_fake_term(net, x_t, t, s, ids, fake_ids)         # G(x_t, t, s, c), Eq. s.8
         x_self, lam, landing = self.self_evaluate(x0_hat, ids, t, s, jump, eps2, fake_ids)   # Eqs. 8-15, 17
-        per_sample = self.pair_loss(x0_hat, x0, x_self, lam, dict(x_t=x_t, ids=ids, t=t, s=s, jump=jump, eps=eps))
+        per_sample = self.pair_loss(x0_hat, x0, x_self, lam)                          # Eqs. 18-20 (or 16)
+        for idx, v_tgt in self.trajectory_targets(x_t, ids, t, s, jump):              # none here; ours: levers.py
+            per_sample[idx] = per_sample_mse(x0_hat[idx], x_t[idx] - bcast(t[idx]) * v_tgt)
         w = time_weight(t)
-        target = (w * per_sample).mean()                                  # Eq. 21
-        fake = self.fake_loss(out[B:], rider, B) if rider is not None else torch.zeros((), device=x0.device)
-        parts = dict(target=target.item(), fake=fake.item(), **self.diagnostics(x0_hat, x0, x_self, lam, w, t, jump))
+        target = (w * per_sample).mean()                                              # Eq. 21
+        parts = dict(target=target.detach(), fake=fake.detach(),
+                     **self.diagnostics(x0_hat, x0, x_self, lam, w, t, jump))
         return target + fake, parts, landing
 
-    def pair_loss(self, x0_hat, x0, x_self, lam, batch):
-        """L_{s,t} per sample: ||x0_hat - x_renorm||^2 (Eq. 20), or Eq. 16 without the energy-preserving target.
-        batch: the step's other tensors (x_t, ids, t, s, jump, eps), for the levers (levers.py) that replace it."""
+    def pair_loss(self, x0_hat, x0, x_self, lam):
+        """L_{s,t} per sample: ||x0_hat - x_renorm||^2 (Eq. 20), or Eq. 16 without the energy-preserving target."""
         if self.energy_preserving:
             return per_sample_mse(x0_hat, energy_preserving_target(x0, x_self, lam))          # Eq. 20
         return per_sample_mse(x0_hat, x0) + lam * per_sample_mse(x0_hat, x_self)             # Eq. 16
+
+    def trajectory_targets(self, x_t, ids, t, s, jump):
+        """[(indices, V_tgt)]: jumps whose L_{s,t} is replaced by w_t ||G - (x_t - t V_tgt)||^2 = ||V - V_tgt||^2.
+        None in the paper's method; the levers (ours, levers.py) return theirs."""
+        return []
 
     @torch.no_grad()
     def self_evaluate(self, x0_hat, ids, t, s, jump, eps2, fake_ids=None):
@@ -274,6 +287,19 @@ class SelfE(FlowMatching):
         lam[jump] = lambda_st(sj, tj) * has_caption                       # Eq. 17
         return x_self, lam, dict(x=x_s_hat, s=sj, x0_hat=stopgrad(x0_hat[jump]))
 
+    # ---- the auxiliary fake-score term (appendix S.1.2; the paper switches it on late in training) ----
+
+    def jump_and_fake_term(self, net, x_t, t, s, ids, fake_ids):
+        """(x0_hat, L_fake): the jump G(x_t, t, s, c) and, while the fake term is on and an earlier step's riders
+        wait, the fake branch G(sg[x_s_hat], s, s, c_fake) on them, in the same pass with gradient (one batch of
+        B + riders: one forward, one backward, one DDP all-reduce). L_fake is 0 otherwise."""
+        B, rider = x_t.shape[0], self.rider if fake_ids is not None else None
+        if rider is None:
+            return G(net, x_t, t, s, ids), torch.zeros((), device=x_t.device)
+        out = G(net, torch.cat([x_t, rider["x"]]), torch.cat([t, rider["s"]]), torch.cat([s, rider["s"]]),
+                torch.cat([ids, rider["ids"]]))
+        return out[:B], self.fake_loss(out[B:], rider, B)
+
     def fake_loss(self, out_fake, rider, B):
         """L_fake = w_s ||G(sg[x_s_hat], s, s, c_fake) - sg[x0_hat]||^2 on the riders (Eq. s.8; the weight w_s = 1/s^2
         and the sum over riders / B, i.e. riders count as batch samples, are ours: the paper gives none)."""
@@ -292,9 +318,9 @@ class SelfE(FlowMatching):
     def diagnostics(x0_hat, x0, x_self, lam, w, t, jump):
         """Logged, not minimised (with the energy-preserving target on): Eq. 16's two terms, data =
         w ||x0_hat - x0||^2 and self = w lambda ||x0_hat - x_self||^2, and the data term per time bin, for the
-        whole batch and for the jumps alone."""
+        whole batch and for the jumps alone. Tensors, read by train.py on logging steps only (no host sync)."""
         data_l = w * per_sample_mse(x0_hat, x0)
-        parts = dict(data=data_l.mean().item(), self=(w * lam * per_sample_mse(x0_hat, x_self)).mean().item())
+        parts = dict(data=data_l.mean(), self=(w * lam * per_sample_mse(x0_hat, x_self)).mean())
         parts.update({f"data_t{b}": v for b, v in enumerate(bin_losses(t, data_l))})
         parts.update({f"jump_t{b}": v for b, v in enumerate(bin_losses(t[jump], data_l[jump]))})
         return parts
@@ -322,8 +348,9 @@ def meanflow_times(batch, jumps, generator=None, mean=-0.4, std=1.0, t_min=1e-3,
 def meanflow_dudt(net, x_t, t, r, ids, v):
     """du/dt = v d_z u + d_t u along the flow (MeanFlow Eq. 8), by one forward-mode JVP of u(z, r, t) = V(z, t, r, c)
     with tangents (v, 0, 1) in (z, r, t). Returns (u, du/dt), no gradient. The math attention kernel: the fused
-    CPU and GPU kernels have no forward-mode derivative."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    CPU and GPU kernels have no forward-mode derivative. Autocast is off here: the JVP runs in the inputs' precision
+    (fp32) inside a bf16 run too, since bf16 tangents would round du/dt, the term MeanFlow's target rests on."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), torch.autocast(x_t.device.type, enabled=False):
         return torch.func.jvp(lambda z, tt: net(z, tt, r, ids), (x_t, t), (v, torch.ones_like(t)))
 
 
@@ -343,6 +370,7 @@ class MeanFlow(FlowMatching):
 
     jvp_net: the plain module for the JVP (torch.func cannot differentiate through DDP or a compiled module in
     forward mode; the target needs no gradient, so the gradient pass still goes through the DDP-wrapped `net`).
+    The JVP runs in fp32 under a bf16 autocast too (meanflow_dudt).
     omega: guidance folded into the target (Eq. 19 with kappa = 0): the velocity v = eps - x0 of a captioned
     sample is replaced by omega v + (1 - omega) u(x_t, t, t, phi), the live net's unconditional prediction;
     1 = no guidance (the default); sampling then uses omega 1. p: the adaptive weight's power (0: plain L2)."""
@@ -374,11 +402,9 @@ class MeanFlow(FlowMatching):
         mse = err / x0[0].numel()
         flat = torch.ones_like(t, dtype=torch.bool)
         flat[jump] = False
-        parts = dict(data=mse[flat].mean().item(), self=0.0, fake=0.0,
-                     jump=mse[jump].mean().item() if len(jump) else 0.0,
-                     dudt=dudt.pow(2).mean().sqrt().item() if len(jump) else 0.0)
-        for b, val in enumerate(bin_losses(t[flat], mse[flat])):
-            parts[f"data_t{b}"] = val
-        for b, val in enumerate(bin_losses(t[jump], mse[jump])):
-            parts[f"jump_t{b}"] = val
+        mse = mse.detach()
+        parts = dict(data=mse[flat].mean(), self=0.0, fake=0.0, jump=mse[jump].mean() if len(jump) else 0.0,
+                     dudt=dudt.pow(2).mean().sqrt() if len(jump) else 0.0)
+        parts.update({f"data_t{b}": val for b, val in enumerate(bin_losses(t[flat], mse[flat]))})
+        parts.update({f"jump_t{b}": val for b, val in enumerate(bin_losses(t[jump], mse[jump]))})
         return total, parts, None

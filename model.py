@@ -288,8 +288,9 @@ def load_checkpoint(path):
     """Load a checkpoint made by train.py; weights_only=True: a checkpoint cannot run code."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint of this project ({type(e).__name__}: {e})")
+    except Exception as e:  # the reason's first line only: torch's advice to load with weights_only=False is not ours
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: {path} is not a readable checkpoint of this project ({reason})")
     if not isinstance(ckpt, dict) or not {"ema", "config", "tokenizer"} <= set(ckpt):
         raise SystemExit(f"error: {path} is not a checkpoint of this project (no ema/config/tokenizer in it)")
     return ckpt

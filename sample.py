@@ -29,10 +29,37 @@ DEFAULT_PROMPTS = [
     "a white square and a purple triangle",
     "a black circle below a triangle",
 ]
+MAX_IMAGES = 512                                      # images per step count (prompts x --n): one grid row each
 DEFAULT_CKPT = "runs/shapes/ckpt.pt"                  # your own run (python train.py)
 SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes_tiny_selfe.pt")
 # ^ the weights in this repository (Self-E with --flow-target 0.25, 24,206 steps; EMA, fp16), used when you have no
 #   run of your own
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (train.py, sample.py, evaluate.py, scripts.diagnose), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def check_sampling(p, args):
+    """The sampler flags every script shares: one line for a bad value, before any work."""
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        p.error("--eta must be in [0, 1] (0: deterministic, 1: DDIM-style fresh noise)")
+    if args.omega is not None and args.omega < 0:
+        p.error("--omega must be >= 0 (1: no guidance, 0: unconditional)")
+    if any(s < 1 for s in args.steps):
+        p.error("--steps must be positive integers")
+
+
+def output_folder(ckpt_path, out=None):
+    """Where a script writes what it measured of a checkpoint: --out, else the checkpoint's run folder; never the
+    repository's checkpoints/ (the shipped weights' folder): there, eval/shipped/ instead."""
+    if out:
+        return out
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    return os.path.join("eval", "shipped") if folder == os.path.dirname(SHIPPED_CKPT) else folder
 
 
 def default_checkpoint():
@@ -73,22 +100,18 @@ def s_mode_arg(v):
     return a
 
 
-def time_shift(cfg, net):
-    """The run's time shift mu: its --mu, else the one its image token count implies (losses.shift_mu)."""
-    return cfg["mu"] if cfg.get("mu") is not None else losses.shift_mu(net.grid ** 2)
-
-
 def make_generate(net, tok, cfg, omega=None, eta=None, s_mode=None, device="cpu"):
     """generate(prompts, steps, generator=None) -> images (N, 3, H, W) in [-1, 1], for evaluate.py. generator: the
     noise's (CPU) stream; None draws from torch's global one."""
     opts = sampling_defaults(cfg, omega, eta, s_mode)
-    mu = time_shift(cfg, net)
+    mu = losses.time_shift(cfg, net.grid)
     net = net.to(device)
 
-    def generate(prompts, steps, generator=None):
+    def generate(prompts, steps, generator=None, progress=False):
         shape = (3, cfg["image_size"], cfg["image_size"])
         return sampler.sample(net, tok(prompts), tok([""]), steps, mu, shape, omega=opts["omega"],
-                              eta=opts["eta"], s_mode=opts["s_mode"], generator=generator, device=device).cpu()
+                              eta=opts["eta"], s_mode=opts["s_mode"], generator=generator, device=device,
+                              progress=progress).cpu()
     return generate
 
 
@@ -132,8 +155,8 @@ def write_grid(net, tok, cfg, prompts, steps_list, path, n=1, seed=0, device="cp
     gen = make_generate(net, tok, cfg, device=device, **opts)
     captions = [p for p in prompts for _ in range(n)]
     images = {}
-    for steps in steps_list:
-        images[steps] = data.to_uint8(gen(captions, steps, torch.Generator().manual_seed(seed)))
+    for steps in steps_list:  # a progress bar appears for a long sampling (tqdm's delay: after 2 s)
+        images[steps] = data.to_uint8(gen(captions, steps, torch.Generator().manual_seed(seed), progress=True))
     net.train(was_training)
     grid_image(images, prompts, steps_list, n).save(path)
     return images
@@ -149,12 +172,12 @@ def write_images(images, n, grid_path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"default: {DEFAULT_CKPT} if it exists, else {SHIPPED_CKPT}")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: 8 built-in prompts")
     p.add_argument("--steps", type=int, nargs="+", default=[1])
     p.add_argument("--n", type=int, default=2, help="images per prompt")
-    p.add_argument("--omega", type=float, default=None, help="guidance scale omega (1 = none; paper: 5)")
+    p.add_argument("--omega", type=float, default=None, help="guidance scale omega >= 0 (1 = none; paper: 5)")
     p.add_argument("--eta", type=float, default=None, help="0: deterministic (Eq. 22), 1: DDIM-style noise")
     p.add_argument("--s-mode", default=None, type=s_mode_arg,
                    help="target time s_k: next (t_{k+1}), same (t_k), mid, or a in [0, 1]: t_{k+1} + a (t_k - t_{k+1})")
@@ -162,12 +185,11 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png",
                    help="a .png/.jpg file for the grid, or a folder: the grid plus one PNG per image")
     args = p.parse_args(argv)
-    if any(s < 1 for s in args.steps):
-        p.error("--steps must be positive integers")
-    if args.n < 1:
-        p.error("--n must be at least 1")
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        p.error("--eta must be in [0, 1]")
+    check_sampling(p, args)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    if args.n < 1 or len(prompts) * args.n > MAX_IMAGES:
+        p.error(f"--n must be at least 1 and make at most {MAX_IMAGES} images per step count ({len(prompts)} "
+                f"prompts x --n {args.n} = {len(prompts) * args.n}); for more, run again with another --seed")
     ext = os.path.splitext(args.out)[1].lower()
     folder = os.path.isdir(args.out) or not ext
     if not folder and ext not in Image.registered_extensions():
@@ -181,7 +203,8 @@ def main(argv=None):
         print(f"using {'your run' if args.ckpt == DEFAULT_CKPT else 'the shipped weights'}: {args.ckpt}")
     net, tok, cfg = load(args.ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = args.prompt or DEFAULT_PROMPTS
+    for line in (line for prompt in prompts for line in tok.notices(prompt)):
+        print(line)
     if folder:
         out = free_path(os.path.join(args.out, "grid.png"))
     else:

@@ -4,11 +4,13 @@ A schedule 1 = t_0 > t_1 > ... > t_N = 0 (linear, warped by the training shift).
 jumps from t_k towards the target time s_k (default s_k = t_{k+1}): x0_hat = G(x_{t_k}, t_k, s_k, c).
 The DDIM-style update re-noises x0_hat to t_{k+1}; with eta = 0 it is exactly Eq. 22,
     x_{t_{k+1}} = x_{t_k} - (t_k - t_{k+1}) V(x_{t_k}, t_k, s_k, c),
-and eta = 1 replaces the predicted noise by fresh noise as far as the DDIM posterior allows.
+and eta = 1 replaces the predicted noise by fresh noise as far as the DDIM posterior allows. Self-E samples with
+eta = 1 by default (the paper's stochastic update), flow matching and MeanFlow with eta = 0 (DEFAULTS below).
 Guidance is energy-preserving CFG (Zhang et al. 2412.09966): the guided velocity rescaled to ||V_c||.
 One step costs one network evaluation per image (two with guidance).
 """
 import torch
+from tqdm import tqdm
 
 from losses import alpha, bcast, norm, shift, sigma
 from model import clean
@@ -44,15 +46,18 @@ def ep_cfg(v_c, v_u, omega):
 
 @torch.no_grad()
 def sample(model, ids, null_ids, steps, mu, shape, omega=1.0, eta=0.0, s_mode="next", generator=None,
-           device="cpu", x=None, ts=None):
+           device="cpu", x=None, ts=None, progress=False):
     """Generate len(ids) images of `shape` (C, H, W) from noise in `steps` steps. Returns (B, C, H, W) in ~[-1, 1].
-    x, ts: start from x at time ts[0] and follow the times ts instead (diagnose.py finishes half-made samples)."""
+    x, ts: start from x at time ts[0] and follow the times ts instead (diagnose.py finishes half-made samples).
+    progress: a tqdm bar over the steps, shown once sampling has taken 2 s."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     B = ids.shape[0]
     if x is None:
         x = torch.randn(B, *shape, generator=generator).to(device)              # x_{t_0} = x_1: pure noise
     ids, null = ids.to(device), null_ids.to(device).expand(B, -1)
     ts = schedule(steps, mu).tolist() if ts is None else list(ts)
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), disable=not progress, delay=2, unit="step", leave=False):
         s = target_time(t, t_next, s_mode)
         tb, sb = torch.full((B,), t, device=device), torch.full((B,), s, device=device)
         if omega == 1.0:

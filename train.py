@@ -53,6 +53,12 @@ def check_args(p, args):
         (args.max_minutes is not None and args.max_minutes < 0, "--max-minutes must be >= 0 (0: no time budget)"),
         (args.lr <= 0 or args.lr_min < 0, "--lr must be > 0 and --lr-min >= 0"),
         (args.warmup < 0, "--warmup must be >= 0"),
+        (args.dataset != "shapes" and not args.data_dir,
+         f"--dataset {args.dataset} needs --data-dir DIR (README: GPU and CC3M)"),
+        (args.clip <= 0, "--clip must be > 0 (the gradient-norm cap; there is no 'off')"),
+        (args.max_text_len is not None and args.max_text_len < 1, "--max-text-len must be at least 1 token"),
+        (args.vocab_size < 2, "--vocab-size must be at least 2 (the BPE also needs room for the shapes words: ~100)"),
+        (args.omega is not None and args.omega < 0, "--omega must be >= 0 (1: no guidance, 0: unconditional)"),
         (not 0 <= args.ema < 1, "--ema must be in [0, 1)"),
         (not 0 <= args.caption_dropout < 1, "--caption-dropout must be in [0, 1)"),
         (args.fake_start is not None and not 0 <= args.fake_start <= 1, "--fake-start must be in [0, 1]"),
@@ -73,14 +79,8 @@ def check_args(p, args):
             p.error(msg)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, not argparse's 20-line usage block first."""
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
 def get_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sample.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the run")
     g.add_argument("--out", default=None, help="run folder (default runs/<dataset> for selfe, runs/<dataset>-<method> otherwise)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
@@ -93,7 +93,7 @@ def get_args(argv=None):
     g.add_argument("--batch-size", type=int, default=64, help="per process, per micro-step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
     g.add_argument("--workers", type=int, default=None, help="dataloader workers (default 0 on CPU, 4 on GPU)")
-    g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, else fp32")
+    g.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, else fp32 (on CUDA fp32 means TF32 matmuls); a resumed run keeps its own")
     g.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction, help="default on for CUDA")
     g.add_argument("--log-every", type=int, default=25)
     g.add_argument("--sample-every", type=int, default=500, help="sample grids at 1/2/4/8 steps (0: never)")
@@ -127,7 +127,8 @@ def get_args(argv=None):
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay, warmed up as (1+n)/(10+n) (paper: 0.9999)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--omega", type=float, default=None,
-                   help="guidance scale omega stored for sampling (default: sampler.DEFAULTS, 2.0 for flow, else 1.0)")
+                   help="guidance scale omega >= 0 stored for sampling (1: none, 0: unconditional; default: "
+                        "sampler.DEFAULTS, 2.0 for flow, else 1.0)")
     g = p.add_argument_group("the paper's ablations")
     g.add_argument("--no-energy-preserving", action="store_true", help="plain Eq. 16 instead of Eq. 20")
     g.add_argument("--fake-start", type=float, default=None,
@@ -165,7 +166,8 @@ def get_args(argv=None):
     check_args(p, args)
     argv = sys.argv[1:] if argv is None else argv
     args.given = sorted({a.dest for a in p._actions for x in argv if x.split("=")[0] in a.option_strings})
-    args.max_text_len = args.max_text_len or (16 if args.dataset == "shapes" else 32)
+    if args.max_text_len is None:
+        args.max_text_len = 16 if args.dataset == "shapes" else 32
     if args.max_minutes is None:
         args.max_minutes = 15.0 if args.dataset == "shapes" else 0.0
     args.out = args.out or f"runs/{args.dataset}" + ("" if args.method == "selfe" else f"-{args.method}")
@@ -183,7 +185,7 @@ class Env:
     world: int
     local: int
     device: str
-    autocast: object
+    autocast: object = contextlib.nullcontext()  # set by device_defaults, once the run's own config is known
 
     @property
     def master(self):
@@ -194,25 +196,36 @@ class Env:
         return self.device.startswith("cuda")
 
 
-def setup_distributed(args):
-    """One process, or DDP when torchrun sets RANK; precision and compile defaults for the device."""
+def setup_distributed():
+    """One process, or DDP when torchrun sets RANK (NCCL on GPUs, one per process; gloo on CPUs)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available()
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
+        if cuda and local >= torch.cuda.device_count():
+            raise SystemExit(f"error: local rank {local} but only {torch.cuda.device_count()} visible GPU(s): "
+                             f"give torchrun --nproc_per_node at most the number of GPUs")
+        if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # each rank's inductor compile workers: a share of the node's cores, not min(32, cpu_count) each
+            os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS",
+                                  str(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
     else:
         rank, world, local = 0, 1, 0
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    cuda = device.startswith("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    args.precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
-    args.compile = cuda if args.compile is None else args.compile
-    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
-                else contextlib.nullcontext())
-    return Env(ddp, rank, world, local, device, autocast)
+    return Env(ddp, rank, world, local, f"cuda:{local}" if cuda else "cpu")
+
+
+def device_defaults(args, env):
+    """Precision and compile: the run's own (a resumed run's config), else the device's defaults (bf16 and
+    torch.compile on CUDA). Called after open_run, so that a resumed run never takes the device's. Sets
+    env.autocast."""
+    args.precision = args.precision or ("bf16" if env.cuda and torch.cuda.is_bf16_supported() else "fp32")
+    args.compile = env.cuda if args.compile is None else args.compile
+    env.autocast = (torch.autocast(env.device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
+                    else contextlib.nullcontext())
 
 
 def open_run(args, env):
@@ -246,6 +259,38 @@ def open_run(args, env):
     return args, ckpt
 
 
+def check_shared_out(args, env):
+    """Under DDP every rank reads what rank 0 writes into --out (the tokenizer, ckpt.pt on resume), so --out must be
+    one folder that every node sees. Rank 0 leaves a token there; a rank that cannot read it back stops every rank
+    with one line (instead of one node failing while the others wait in a collective)."""
+    if not env.ddp or os.path.isfile(args.out):  # a file: open_run says so on every rank
+        return
+    token = [f"{os.getpid()}-{time.time()}" if env.master else None]
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(args.out, ".rank0_token")
+    if env.master:
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token[0])
+    dist.barrier()
+    seen = shared_token_ok(path, token[0])
+    ok = torch.tensor([float(seen)], device=env.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise SystemExit(f"error: --out {args.out} is not one folder seen by every rank (rank {env.rank} "
+                         f"{'reads it' if seen else 'cannot read rank 0 files there'}): on several nodes, put --out "
+                         f"on a shared filesystem")
+
+
+def shared_token_ok(path, token):
+    """True when `path` holds `token`: this process sees the file rank 0 just wrote."""
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
+
+
 def ignore_signals(worker_id):
     """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and stops cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -254,9 +299,6 @@ def ignore_signals(worker_id):
 
 def make_data(args, env, ckpt):
     """The tokenizer (the checkpoint's, or trained on the data's captions) and an endless batch iterator."""
-    if args.dataset != "shapes":  # fail fast, on every rank, if there is no data or no usable sample in it
-        data.list_sources(args.dataset, args.data_dir)
-        data.check_source(args.dataset, args.data_dir, args.image_size)
     if ckpt is not None:
         tok = data.Tokenizer(ckpt["tokenizer"], args.max_text_len)
     elif args.dataset == "shapes":
@@ -285,9 +327,26 @@ def lr_at(step, progress, args):
     return args.lr + (args.lr_min - args.lr) * min(1.0, progress)
 
 
+def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's orthogonalisation (its quintic Newton-Schulz iteration, same coefficients and steps), in
+    fp32 instead of bf16. A CPU without bf16 matrix units (AVX2 only) runs bf16 matmuls ~40x slower than fp32: in
+    torch 2.13 they took 1.8 s of a 2 s tiny-model step on such a machine, 0.1 s in fp32. The result differs from
+    the bf16 one by a few bf16 roundings (measured: at most 0.006 on entries of ~0.3)."""
+    a, b, c = ns_coefficients
+    X = grad.float().T if grad.size(0) > grad.size(1) else grad.float()
+    X = X / X.norm().clamp(min=eps)                                     # spectral norm at most 1
+    for _ in range(ns_steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)   # a X + (b A + c A^2) X
+    return (X.T if grad.size(0) > grad.size(1) else X).to(grad.dtype)
+
+
 def make_optimizers(model, args, cuda=False):
     """Adam (paper S.2: betas 0.9, 0.95) on everything; or Muon on the transformer blocks' 2-D weights and
-    Adam on the rest (embeddings, biases, norms, time MLPs, input and output layers)."""
+    Adam on the rest (embeddings, biases, norms, time MLPs, input and output layers). On a CPU without bf16
+    matmuls, Muon's Newton-Schulz runs in fp32 (newton_schulz_fp32)."""
+    if not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
     hidden = [p for name, p in model.named_parameters() if p.ndim == 2 and ".blocks." in f".{name}"]
     ids = {id(p) for p in hidden} if args.optimizer == "muon" else set()
     rest = [p for p in model.parameters() if id(p) not in ids]
@@ -297,32 +356,47 @@ def make_optimizers(model, args, cuda=False):
     return opts
 
 
+def rank_stream(seed, rank, ckpt=None):
+    """This rank's random stream (caption dropout, times, noise): seeded by seed + rank, or restored from the
+    checkpoint. A rank the checkpoint has no stream for (resumed on more processes) gets a stream of its own,
+    seeded by (seed, rank, step), never a copy of another rank's."""
+    gen = torch.Generator()
+    if ckpt is None:
+        return gen.manual_seed(seed + rank)
+    if rank < len(ckpt["rng"]):
+        gen.set_state(ckpt["rng"][rank])
+        return gen
+    return gen.manual_seed(hash((seed, rank, ckpt["step"])) % 2 ** 63)
+
+
 def make_model(args, env, tok, ckpt):
     """The network (the plain module: checkpoints, the JVP), its EMA, the optimisers and this rank's random stream
-    (caption dropout, times, noise), restored from the checkpoint if any."""
+    (rank_stream), restored from the checkpoint if any."""
     torch.manual_seed(args.seed)
     model = models.build(args.model, tok.vocab_size, args.max_text_len, args.image_size, args.prediction,
                          **models.config_arch(vars(args))).to(env.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opts = make_optimizers(model, args, env.cuda)
-    gen = torch.Generator().manual_seed(args.seed + env.rank)
+    gen = rank_stream(args.seed, env.rank, ckpt)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         for o, state in zip(opts, ckpt["opt"] if isinstance(ckpt["opt"], list) else [ckpt["opt"]]):
             o.load_state_dict(state)
-        gen.set_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
     return model, ema, opts, gen
 
 
 def make_method(args, env, tok, model, ema, gen):
     """The method object (losses.FlowMatching, losses.SelfE, levers.Levers or losses.MeanFlow) and `net`, the
     module that takes the pass with gradient (compiled and/or DDP-wrapped). The no-grad passes run on compiled
-    copies of the model and the EMA; MeanFlow's JVP on the plain model (torch.func cannot go through either)."""
-    mu = sample.time_shift(vars(args), model)
+    copies of the model and the EMA; MeanFlow's JVP on the plain model (torch.func cannot go through either).
+    Under DDP the DDP-wrapped module is compiled (as the PyTorch docs do), so the all-reduce overlaps the backward."""
+    mu = losses.time_shift(vars(args), model.grid)
     fast = torch.compile(model) if args.compile else model
-    net = torch.nn.parallel.DistributedDataParallel(fast, device_ids=[env.local] if env.cuda else None) \
-        if env.ddp else fast
+    net = fast
+    if env.ddp:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local] if env.cuda else None)
+        net = torch.compile(net) if args.compile else net
     if args.method == "flow":
         return losses.FlowMatching(tok, mu, args.caption_dropout, gen, env.device), net
     if args.method == "meanflow":
@@ -369,24 +443,29 @@ def gather(env, obj):
     return out
 
 
-def write_grid(args, env, ema, tok, step):
+def write_grid(args, env, ema, tok, step, prompts):
     """EMA samples of a few prompts at 1, 2, 4, 8 steps: <out>/grids/stepNNNNNNN.png."""
-    sample.write_grid(ema, tok, vars(args), sample.DEFAULT_PROMPTS[:6], [1, 2, 4, 8],
+    sample.write_grid(ema, tok, vars(args), prompts, [1, 2, 4, 8],
                       os.path.join(args.out, "grids", f"step{step:07d}.png"), device=env.device)
 
 
 class StopRequest:
-    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step."""
+    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step and save.
+    A repeated SIGTERM never stops at once: schedulers send it to every process of a job, and torchrun forwards
+    its own, so two arrive a moment apart; the save must still happen. A second Ctrl-C at least `patience`
+    seconds after the first stops at once (a person at a terminal; the last checkpoint stays as it is)."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, patience=2.0):
+        self.signal, self.at, self.patience = None, None, patience
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # asked twice: stop at once (the last checkpoint stays as it is)
-            raise SystemExit(f"stopped by a second {signal.Signals(signum).name}; not saved")
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal, self.at = name, time.monotonic()
+        elif name == "SIGINT" and time.monotonic() - self.at >= self.patience:
+            raise SystemExit("stopped by a second SIGINT; not saved (the last checkpoint stays as it is)")
 
 
 class Log:
@@ -405,8 +484,9 @@ class Log:
         self.bar.update(1)
         if step % args.log_every and step != args.max_steps:
             return
-        keys = sorted(parts)
-        vals = torch.tensor([parts[k] for k in keys] + [loss.item()], device=env.device)
+        keys = sorted(parts)  # the parts stay on the device until here: one host sync per logging step
+        vals = torch.stack([torch.as_tensor(parts[k], dtype=torch.float32, device=env.device).reshape(())
+                            for k in keys] + [loss.detach().float()])
         if env.ddp:  # logged numbers are averaged across ranks
             dist.all_reduce(vals, op=dist.ReduceOp.AVG)
         rate = self.images / (time.time() - self.t)
@@ -435,13 +515,18 @@ class Log:
 
 def main(argv=None):
     args = get_args(argv)
-    env = setup_distributed(args)
+    if args.dataset != "shapes":  # no data, or no usable sample in it: one line before the run folder is made
+        data.list_sources(args.dataset, args.data_dir)
+        data.check_source(args.dataset, args.data_dir, args.image_size)
+    env = setup_distributed()
+    check_shared_out(args, env)
     args, ckpt = open_run(args, env)
+    device_defaults(args, env)
     tok, loader = make_data(args, env, ckpt)
     model, ema, opts, gen = make_model(args, env, tok, ckpt)
     method, net = make_method(args, env, tok, model, ema, gen)
-    if ckpt is not None:  # the method's own state (Self-E's fake-score riders); older runs: "rider"
-        states = ckpt.get("method") or [dict(rider=r) for r in ckpt.get("rider", [])] or [{}]
+    if ckpt is not None:  # the method's own state (Self-E's fake-score riders), one per rank
+        states = ckpt.get("method") or [{}]
         method.load_state_dict(states[env.rank] if env.rank < len(states) else {})
     if env.master:
         announce(args, env, model, tok)
@@ -453,6 +538,7 @@ def main(argv=None):
     t_start, t_wall = clock() - before, time.time()
     budget = args.max_minutes * 60
     stop, skipped, log = StopRequest(), {}, Log(args, env, step)
+    prompts = sample.DEFAULT_PROMPTS[:6] if args.dataset == "shapes" else None  # else the first batch's captions
     while True:
         # ---- the clock, a stop request, and the checkpoints due after the last step ----
         elapsed, stop_now = clock() - t_start, stop.signal is not None
@@ -485,6 +571,7 @@ def main(argv=None):
         parts = {}
         for micro in range(args.grad_accum):
             x0, captions, bad = next(loader)                                         # (B, 3, H, W), B strings
+            prompts = prompts or list(captions[:6])
             for k, v in bad.items():                                                 # broken samples, counted
                 skipped[k] = skipped.get(k, 0) + v
             loss, p = micro_step(method, net, x0.to(env.device, non_blocking=True), captions, progress,
@@ -508,11 +595,11 @@ def main(argv=None):
             print(f"first step: {time.time() - t_wall:.1f} s wall" + (" (includes torch.compile)" if args.compile else ""))
         log.step(step, loss, parts, lr, grad_norm, elapsed, skipped)
         if env.master and args.sample_every and step % args.sample_every == 0:
-            write_grid(args, env, ema, tok, step)
+            write_grid(args, env, ema, tok, step, prompts)
 
     log.close()
     if env.master:
-        write_grid(args, env, ema, tok, step)
+        write_grid(args, env, ema, tok, step, prompts or sample.DEFAULT_PROMPTS[:6])
         print(f"stopped by {stop.signal} at step {step}; checkpoint {ckpt_path}. Continue with: python train.py "
               f"--out {args.out} --resume" if stop.signal else f"done: {step} steps in {elapsed / 60:.1f} min; "
               f"checkpoint {ckpt_path}; try: python sample.py --ckpt {ckpt_path} --steps 1 2 4 8")

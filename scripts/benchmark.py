@@ -22,9 +22,8 @@ still gets its compute.
 --snapshots minutes (one run each: the snapshots are points along one learning-rate schedule, not separate
 shorter runs); every snapshot and the end are scored at 1-50 steps. Writes results.json["curves"],
 <assets>/curves.png and <assets>/curves_grid.png, and whether each of the paper's claims holds at each budget
-(results.json["curve_claims"]). Then ships the end of the Self-E curve as checkpoints/shapes_tiny_selfe.pt
-(the weights sample.py uses when you have no run of your own): fp16 if that moves no score by more than
-0.01, measured.
+(results.json["curve_claims"]). The shipped weights are not made here: `python -m scripts.ship` is the one command
+that writes checkpoints/. results.json is written only when a run adds a number to it, and atomically.
 """
 import argparse
 import json
@@ -56,7 +55,6 @@ RUNS = {  # name: extra train.py arguments
                                                     # (paper Table 2), guidance folded in: best at 30 min (fewstep)
     "curve_selfe_fake_late": ["--fake-start", "0.775"],  # --curves: the paper's complete recipe (fake term late)
 }
-SHIPPED = sample.SHIPPED_CKPT  # checkpoints/shapes_tiny_selfe.pt: what sample.py uses when you have no run
 GRID_PROMPTS = ["a red circle", "two squares", "a blue triangle and a yellow circle", "a square left of a circle"]
 
 
@@ -288,8 +286,11 @@ def curves(res, args, save):
     todo = [n for n in names if any(f"{m:g}" not in res["curves"].get(n, {}) for m in budgets)]
     args.steps_at = {m: res["curves"]["curve_selfe"][f"{m:g}"]["optimiser_steps"] for m in budgets} \
         if args.match_steps else None
-    res["train"] = {**res.get("train", {}), **train(todo, args)}
-    save()
+    if todo:
+        res["train"] = {**res.get("train", {}), **train(todo, args)}
+        save()
+    else:
+        print("every curve is scored at every budget in results.json: nothing to train or score")
     for name in todo:
         for m in budgets:
             if f"{m:g}" in res["curves"].setdefault(name, {}):
@@ -304,33 +305,14 @@ def curves(res, args, save):
             print(name, m, json.dumps({k: round(v["overall"], 3) for k, v in res["curves"][name][f"{m:g}"].items()
                                        if isinstance(v, dict)}), flush=True)
             save()
+    if not todo:
+        return
     res["curve_claims"] = claims_by_budget(res["curves"], budgets)
     plot_curves(res, budgets, os.path.join(args.assets, "curves.png"))
     here = [n for n in names if os.path.exists(os.path.join(args.out, "runs", n, "ckpt.pt"))]  # runs made elsewhere:
-    grid(res, args, names=here, path=os.path.join(args.assets, "curves_grid.png" if here == names      # no picture
-                                                  else f"curves_grid_{'_'.join(n[6:] for n in here)}.png"))
-    save()
-    ship(res, args, save)
-
-
-def ship(res, args, save, path=SHIPPED):
-    """The end of the Self-E curve, as the repository's weights (EMA, config, tokenizer; no optimiser): fp16
-    if every score stays within 0.01 of the fp32 checkpoint's, else fp32. Scored again from the file itself."""
-    if res.get("shipped", {}).get("path") == os.path.relpath(path) and os.path.exists(path):
-        return
-    ckpt = models.load_checkpoint(os.path.join(args.out, "runs", "curve_selfe", "ckpt.pt"))
-    fp32 = res["curves"]["curve_selfe"][f"{args.minutes:g}"]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for half in (True, False):
-        models.export_weights(ckpt, path, half=half)
-        rows = score("curve_selfe", args, ckpt=os.path.abspath(path))
-        diff = max(abs(rows[str(k)]["overall"] - fp32[str(k)]["overall"]) for k in STEPS)
-        if diff <= 0.01:
-            break
-    res["shipped"] = dict(path=os.path.relpath(path), dtype="fp16" if half else "fp32",
-                          bytes=os.path.getsize(path), step=ckpt["step"], max_diff_vs_fp32=round(diff, 4), rows=rows)
-    print(f"shipped {path} ({res['shipped']['dtype']}, {res['shipped']['bytes'] / 1e6:.1f} MB): largest score "
-          f"change vs the fp32 checkpoint {diff:.4f}", flush=True)
+    if here:                                                                                  # no picture of them
+        grid(res, args, names=here, path=os.path.join(args.assets, "curves_grid.png" if here == names
+                                                      else f"curves_grid_{'_'.join(n[6:] for n in here)}.png"))
     save()
 
 
@@ -381,9 +363,13 @@ def main():
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     path = os.path.join(args.out, "results.json")
     res = json.load(open(path)) if os.path.exists(path) else {}
-    save = lambda: json.dump(res, open(path, "w"), indent=1)
-    res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    res["curve_args" if args.curves else "args"] = vars(args)
+
+    def save():  # called when a run adds a number: the numbers, with the machine and the arguments that made them
+        res["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        res["curve_args" if args.curves else "args"] = vars(args)
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
     if args.curves:
         os.makedirs(args.assets, exist_ok=True)
         curves(res, args, save)

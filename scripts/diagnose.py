@@ -18,7 +18,7 @@ On a fixed batch of shapes images, for each t (and a jump to s = t / 2, the midd
   Delta     the self-evaluation direction G_phi(live) - G_c(EMA) at the re-noised landing point (Eq. 14), split
             into the classifier part of one set of weights, G_phi - G_c, and the lag between live and EMA
             weights, G_phi(live) - G_phi(EMA); cos = cosine between Delta and the EMA's classifier part.
-Writes <ckpt folder>/diagnose.json.
+Writes <out>/diagnose.json (default: the checkpoint's run folder; eval/shipped for the shipped weights).
 
 --fewstep (ShapesEval on the evaluation prompts, per task; writes <out>/fewstep.json):
   s_sweep    1-step scores with the sampler's s in 0 ... 1 (paper Fig. S.4: s = 0.5 at one step)
@@ -95,7 +95,7 @@ def diagnose(ckpt, n=256, seed=99):
 def first_jump_then(net, tok, cfg, K):
     """generate(prompts, steps, generator=None) for evaluate.evaluate: the 2-step sampler's first step (to t_1), then
     K deterministic steps of the model's own flow head (s_k = t_k, eta 0) from t_1 to 0; `steps` is ignored."""
-    mu = sample.time_shift(cfg, net)
+    mu = losses.time_shift(cfg, net.grid)
     opts, shape = sample.sampling_defaults(cfg), (3, cfg["image_size"], cfg["image_size"])
     t1 = sampler.schedule(2, mu)[1].item()
 
@@ -114,7 +114,7 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     cfg = ckpt["config"]
     tok = data.Tokenizer(ckpt["tokenizer"], cfg["max_text_len"])
     net = models.from_checkpoint(ckpt, tok.vocab_size)
-    t1 = sampler.schedule(2, sample.time_shift(cfg, net))[1].item()
+    t1 = sampler.schedule(2, losses.time_shift(cfg, net.grid))[1].item()
     x0, captions = data.shapes_batch(seed + 99, 0, batch, cfg["image_size"])
     t = torch.full((batch,), t1)
     x_t = losses.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), t)
@@ -210,19 +210,20 @@ def print_fewstep(res):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sample.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--fewstep", action="store_true", help="the few-step study instead (see above)")
     p.add_argument("--jvp", action="store_true", help="instead: MeanFlow's JVP terms at this checkpoint (jvp_terms)")
     p.add_argument("--lastjump", action="store_true", help="instead: the last-jump probe (see above)")
     p.add_argument("--per-task", type=int, default=None,
                    help="ShapesEval prompts per task (default: 50 for --fewstep, 10 for --lastjump)")
-    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder; eval/shipped for "
+                                               "the shipped weights)")
     args = p.parse_args(argv)
     ckpt = models.load_checkpoint(args.ckpt)
     if ckpt["config"].get("dataset") != "shapes":
         p.error("diagnose.py measures on shapes images: give a checkpoint trained with --dataset shapes")
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    out_dir = sample.output_folder(args.ckpt, args.out)
     os.makedirs(out_dir, exist_ok=True)
     if args.jvp:
         res = jvp_terms(ckpt)

@@ -4,6 +4,7 @@ scripts/fewstep_job.sh into bench/fewstep/results.json and results.md.
     bash scripts/fewstep_job.sh selfe_ft0.25_s0 --flow-target 0.25      # one run: 30 CPU-minutes, then scored
     HALF=1 bash scripts/fewstep_job.sh selfe_ts10_s0 --time-scale 10    # or only to its 15-minute snapshot
     python -m scripts.fewstep                                           # the table
+    python -m scripts.fewstep --capacity                                # network or method: bench/capacity
 
 Every run: the adopted recipe (tiny, patch 8, Muon, lr 4e-3, batch 64, seed 0 unless its flags say otherwise)
 for 30 CPU-minutes on one thread (--clock cpu), a snapshot at 15, each scored with ShapesEval on the full
@@ -12,6 +13,7 @@ prompt set (50 per task x 4 images) at 1 / 2 / 4 / 8 / 50 steps with its method'
 import argparse
 import json
 import os
+import sys
 
 import model as models
 from data import TASKS
@@ -73,6 +75,52 @@ def curves_at(steps):
             for name, c in curves.items() for at in c.values() if at["optimiser_steps"] == steps}
 
 
+# --capacity: network or method (issue: any-step). Each method at two widths, step-matched (3,000 optimiser steps, the
+# learning rate decayed over them, a snapshot at 1,500): run name per (method, width); tiny runs are the 2026-11-30
+# ones, the --dim 256 runs (about 4x the parameters) are new.
+CAPACITY = {("Self-E + flow target", "tiny"): ["selfe_ft0.25_s0", "selfe_ft0.25_s1"],
+            ("Self-E + flow target", "dim 256"): ["cap_d256_selfe_ft0.25_s0"],
+            ("MeanFlow, guidance 2", "tiny"): ["meanflow_cfg2_3k_s0"],
+            ("MeanFlow, guidance 2", "dim 256"): ["cap_d256_meanflow_cfg2_s0"],
+            ("flow matching", "tiny"): ["flow_3k_s0"],
+            ("flow matching", "dim 256"): ["cap_d256_flow_s0"],
+            ("Self-E (the paper's)", "tiny"): ["selfe_3k_s0", "selfe_3k_s1"]}
+PARAMS = {"tiny": 1.80, "dim 256": 6.90}  # millions, train.py's banner on shapes' vocabulary
+
+
+def capacity(res, out=os.path.join("bench", "capacity")):
+    """The capacity table: ShapesEval overall at 1-50 steps, the 1- and 2-step ratios to 50 steps, the spread at
+    1 / 2 / 4 / 8 (1: the renders'), per method, width and step count; seeds averaged where there are two."""
+    mean = lambda xs: sum(xs) / len(xs)
+    rows = []
+    for (method, width), names in CAPACITY.items():
+        for b in ("1500steps", "3000steps"):
+            have = [res[n][b]["rows"] for n in names if n in res and b in res[n]]
+            if not have:
+                continue
+            o = {k: mean([r[k]["overall"] for r in have]) for k in ("1", "2", "4", "8", "50")}
+            spread = {k: mean([r[k]["spread"] for r in have]) for k in ("1", "2", "4", "8") if "spread" in have[0][k]}
+            rows.append(dict(method=method, width=width, params_m=PARAMS[width], steps=int(b[:-5]), seeds=len(have),
+                             runs=[n for n in names if n in res and b in res[n]], overall=o,
+                             ratio_1_to_50=o["1"] / o["50"], ratio_2_to_50=o["2"] / o["50"], spread=spread))
+    os.makedirs(out, exist_ok=True)
+    json.dump(dict(protocol="STEPS=3000 bash scripts/fewstep_job.sh NAME FLAGS (one thread each, seed 0 unless named "
+                            "_s1); dim 256: --dim 256 (heads 4, depth 4, patch 8); scored by evaluate.py on the full "
+                            "prompt set", rows=rows), open(os.path.join(out, "results.json"), "w"), indent=1)
+    md = ["# Network or method: each method at two widths, step-matched", "",
+          "Made by `python -m scripts.fewstep --capacity` from `results.json` (protocol there). Cells: ShapesEval "
+          "overall; ratios to the same run's 50 steps; spread of single objects against the renders' (1 = the data).",
+          "", "| method | width (params) | optimiser steps | seeds | 1 | 2 | 4 | 8 | 50 | 1 / 50 | 2 / 50 | spread 1 / 2 / 4 / 8 |",
+          "|---" * 12 + "|"]
+    for r in rows:
+        md.append(f"| {r['method']} | {r['width']} ({r['params_m']:.1f}M) | {r['steps']:,} | {r['seeds']} | " +
+                  " | ".join(f"{r['overall'][k]:.3f}" for k in ("1", "2", "4", "8", "50")) +
+                  f" | {r['ratio_1_to_50']:.2f} | {r['ratio_2_to_50']:.2f} | " +
+                  (" / ".join(f"{r['spread'][k]:.2f}" for k in ("1", "2", "4", "8")) if r["spread"] else "-") + " |")
+    open(os.path.join(out, "results.md"), "w").write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main():
     res = collect()
     shown = [n for n in ("flow_s0", "selfe_s0", "selfe_sc0.25_s0", "meanflow_s0") if n in res]
@@ -90,6 +138,8 @@ def main():
         md += [table({**res, **curves_at(int(b[:-5]))}, b), ""]
     open(os.path.join(OUT, "results.md"), "w").write("\n".join(md))
     print("\n".join(md))
+    if "--capacity" in sys.argv[1:]:
+        capacity(res)
 
 
 if __name__ == "__main__":

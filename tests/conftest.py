@@ -117,12 +117,16 @@ import os, sys
 sig, at, on = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 sys.argv = ["train.py"] + sys.argv[4:]
 import train
-if on == "step":      # right after optimiser step `at` (its EMA update is its last act)
+if on in ("step", "twice"):  # right after optimiser step `at` (its EMA update is its last act); twice: 0.3 s apart
     ema_update = train.models.ema_update
     def hooked(ema, net, decay, step):
         ema_update(ema, net, decay, step)
         if step + 1 == at:
             os.kill(os.getpid(), sig)
+            if on == "twice":
+                import time
+                time.sleep(0.3)
+                os.kill(os.getpid(), sig)
     train.models.ema_update = hooked
 else:                 # right after ckpt.pt of step `at` is written
     save = train.models.save_checkpoint
@@ -137,7 +141,7 @@ train.main()
 
 def spawn_signalled(sig, at, *argv, on="step", timeout=300, threads=None):
     """`python train.py ARGV` as a subprocess that sends itself `sig` right after optimiser step `at` (on="step") or
-    right after writing ckpt.pt at step `at` (on="save"): a trigger counted in steps, so the test holds on any
+    right after writing ckpt.pt at step `at` (on="save"), or twice 0.3 s apart after step `at` (on="twice"): a trigger counted in steps, so the test holds on any
     machine speed (no race between a clock and the run)."""
     return spawn("-c", SIGNAL_HOOK, int(sig), at, on, *argv, timeout=timeout, threads=threads)
 

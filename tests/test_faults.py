@@ -12,8 +12,10 @@ import torch
 
 import data
 import model as models
+import sample
+import sampler
 import train
-from conftest import cli, spawn
+from conftest import cli, spawn, tiny_dit
 from conftest import SMALL as FLAGS, ckpt_step, encode, rgb, spawn_signalled, write_tar
 
 SMALL = [*FLAGS, "--batch-size", "8"]
@@ -223,3 +225,80 @@ def test_diagnose_works_on_exported_weights_and_says_so(tmp_path, tiny_ckpt):
     assert r.returncode == 0 and "EMA weights only" in r.stdout, r.stderr[-2000:]
     rows = json.load(open(tmp_path / "diagnose.json"))["rows"]
     assert all(row["lag"] == 0 for row in rows.values()) and all(row["delta"] > 0 for row in rows.values())
+
+
+# ---- 4. the front door's inputs: one line before any work, nothing silently wrong ---------------------------
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-text-len", "-1"], "--max-text-len"),
+    (["--max-text-len", "0"], "--max-text-len"),     # was silently 16
+    (["--clip", "-1"], "--clip"),                     # was gradient ascent
+    (["--clip", "0"], "--clip"),                      # was a zero gradient
+    (["--vocab-size", "0"], "--vocab-size"),
+    (["--omega", "-1"], "--omega"),
+    (["--dataset", "cc3m"], "--data-dir"),            # no data: no empty runs/cc3m/grids/ left behind
+])
+def test_train_refuses_what_would_train_wrongly(tmp_path, capsys, flags, says):
+    with pytest.raises(SystemExit) as e:
+        train.get_args([*flags, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_on_a_missing_data_dir_makes_no_run_folder(tmp_path):
+    r = cli("train", "--dataset", "cc3m", "--data-dir", tmp_path / "nothing", "--out", tmp_path / "run")
+    assert r.returncode != 0 and "error" in r.stderr and not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("script, flags, says", [
+    ("sample", ["--n", "5000"], "at most 512 images"),
+    ("sample", ["--eta", "2"], "--eta must be in [0, 1]"),
+    ("sample", ["--omega", "-1"], "--omega must be >= 0"),
+    ("evaluate", ["--eta", "2", "--steps", "2"], "--eta must be in [0, 1]"),
+    ("evaluate", ["--eta", "-1"], "--eta must be in [0, 1]"),
+])
+def test_sample_and_evaluate_refuse_bad_sampler_flags(tmp_path, tiny_ckpt, script, flags, says):
+    r = cli(script, "--ckpt", tiny_ckpt, *flags, "--out", tmp_path / "out.png" if script == "sample" else tmp_path)
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(tmp_path / "out.png") and not os.path.exists(tmp_path / "shapes_eval.json")
+    with pytest.raises(ValueError, match="eta"):  # and the sampler itself, for code that calls it
+        sampler.sample(tiny_dit(), torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long), 2, 0.0,
+                       (3, 8, 8), eta=2.0)
+
+
+def test_a_bad_sampler_flag_is_one_line_from_the_command_line(tmp_path):
+    r = spawn("evaluate.py", "--ckpt", "x.pt", "--eta", "2", "--steps", "2", timeout=60)
+    assert one_clear_line(r) and len(r.stderr.strip().splitlines()) == 1 and "usage" not in r.stderr, r.stderr
+
+
+def test_sample_names_the_words_it_never_saw_and_a_cut_prompt(tmp_path, tiny_ckpt):
+    long = "a red circle left of a blue square and a green triangle above a pink circle and two squares"
+    r = cli("sample", "--ckpt", tiny_ckpt, "--prompt", "a cat on a sofa", "--prompt", long, "--n", "1",
+            "--out", tmp_path / "g.png")
+    assert r.returncode == 0 and os.path.exists(tmp_path / "g.png"), r.stderr   # it samples all the same
+    assert "cat, on, sofa" in r.stdout and "the model reads the first 16" in r.stdout, r.stdout
+    r = cli("sample", "--ckpt", tiny_ckpt, "--prompt", "a red circle", "--n", "1", "--out", tmp_path / "h.png")
+    assert "note" not in r.stdout
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line_without_unsafe_advice(tmp_path):
+    r = cli("sample", "--ckpt", os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"),
+            "--out", tmp_path / "g.png")
+    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr and "weights_only" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_measurements_of_the_shipped_weights_never_go_into_checkpoints(tmp_path):
+    assert sample.output_folder(sample.SHIPPED_CKPT) == os.path.join("eval", "shipped")
+    assert sample.output_folder(str(tmp_path / "ckpt.pt")) == str(tmp_path)      # a run: its own folder
+    assert sample.output_folder(sample.SHIPPED_CKPT, "mine") == "mine"
+
+
+def test_long_sampling_shows_a_progress_bar(tmp_path, tiny_ckpt, monkeypatch):
+    seen = []
+    real = sampler.tqdm
+    monkeypatch.setattr(sampler, "tqdm", lambda it, **kw: seen.append(kw) or real(it, **kw))
+    assert cli("sample", "--ckpt", tiny_ckpt, "--steps", "3", "--n", "1", "--prompt", "a red circle",
+               "--out", tmp_path / "g.png").returncode == 0
+    assert seen and not seen[0]["disable"] and seen[0]["delay"] == 2     # shown once a sampling passes 2 s

@@ -162,7 +162,7 @@ def test_flow_target_lever_takes_the_jumps_at_s_0_and_near_0_and_leaves_the_rest
     with torch.no_grad():
         G = losses.G(net, x_t, t, s, ids)
         x_self, lam, _ = paper.self_evaluate(G, ids, t, s, jump, eps2)
-        want = paper.pair_loss(G, x0, x_self, lam, None)
+        want = paper.pair_loss(G, x0, x_self, lam)
         rest = jump[len(at_zero):]
         flow = torch.cat([at_zero, rest[s[rest] <= 0.1 * t[rest]]])
         assert len(flow) > len(at_zero)                            # some drawn jumps are near 0 too

@@ -29,6 +29,27 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adam_the_rest():
     assert len(only_adam) == 1 and len(only_adam[0].param_groups[0]["params"]) == len(names)
 
 
+def test_muon_newton_schulz_in_fp32_matches_torchs_bf16_and_is_used_where_bf16_is_slow(monkeypatch):
+    coeffs, (a, b, c) = (3.4445, -4.775, 2.0315), (3.4445, -4.775, 2.0315)
+    for shape in ((96, 32), (32, 96)):
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        X = g.bfloat16().T if shape[0] > shape[1] else g.bfloat16()      # torch.optim.Muon's iteration, in bf16
+        X = X / X.norm()
+        for _ in range(5):
+            A = X @ X.T
+            X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        want = (X.T if shape[0] > shape[1] else X).float()
+        got = train.newton_schulz_fp32(g, coeffs, 5, 1e-7)
+        assert got.shape == shape and got.dtype == torch.float32
+        assert (got - want).abs().max() < 0.02 and want.abs().max() > 0.1             # bf16 rounding apart
+        sv = torch.linalg.svdvals(got)
+        assert sv.min() > 0.3 and sv.max() < 1.3                                      # orthogonalised
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", None)      # restored after the test
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    train.make_optimizers(tiny(), train.get_args(["--optimizer", "muon"]), cuda=False)
+    assert torch.optim._muon._zeropower_via_newtonschulz is train.newton_schulz_fp32
+
+
 def test_lr_warms_up_then_decays_linearly_to_lr_min():
     args = train.get_args(["--lr", "1e-3", "--lr-min", "1e-5", "--warmup", "10"])
     assert train.lr_at(0, 0.0, args) == pytest.approx(1e-4)                # (step + 1) / warmup

@@ -112,33 +112,56 @@ def test_every_search_config_is_a_valid_train_command_and_the_baseline_is_pinned
         assert changed or name == "base", f"{name} changes nothing"
 
 
-def test_shipped_weights_are_fp16_only_when_no_score_moves(tmp_path, monkeypatch):
+def test_shipped_weights_are_fp16_only_when_no_score_moves(tmp_path):
     import torch
     import model as models
+    from scripts import ship
     net = models.build("tiny", vocab_size=30, max_text_len=8, image_size=32)
     ck = dict(ema=net.state_dict(), config={"model": "tiny"}, tokenizer="{}", step=7, elapsed=60.0)
-    monkeypatch.setattr(benchmark.models, "load_checkpoint", lambda path: ck)
     fp32 = [0.10, 0.20, 0.30, 0.40, 0.50]
     for shift, want in ((0.005, "fp16"), (0.03, "fp32")):
-        def fake_score(name, args, ckpt):  # fp16 weights move every score by `shift`
-            half = any(v.dtype == torch.float16 for v in torch.load(ckpt, weights_only=True)["ema"].values())
+        def fake_score(path):  # fp16 weights move every score by `shift`
+            half = any(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["ema"].values())
             return rows([v + shift * half for v in fp32])
-        monkeypatch.setattr(benchmark, "score", fake_score)
-        res = {"curves": {"curve_selfe": {"120": rows(fp32)}}}
         path = tmp_path / want / "ship.pt"
-        benchmark.ship(res, argparse.Namespace(out=str(tmp_path), minutes=120.0), lambda: None, path=str(path))
-        assert res["shipped"]["dtype"] == want and path.exists()
-        assert res["shipped"]["max_diff_vs_fp32"] == pytest.approx(shift if want == "fp16" else 0.0)
+        entry = ship.export(ck, rows(fp32), str(path), fake_score)
+        assert entry["dtype"] == want and path.exists() and entry["step"] == 7
+        assert entry["max_diff_vs_fp32"] == pytest.approx(shift if want == "fp16" else 0.0)
+
+
+def test_nothing_but_scripts_ship_writes_checkpoints():
+    """The shipped file has one maker: no other script names the shipped path or checkpoints/ for writing."""
+    for name in os.listdir(os.path.join(ROOT, "scripts")):
+        if name.endswith((".py", ".sh")) and name != "ship.py":
+            text = open(os.path.join(ROOT, "scripts", name)).read()
+            assert "SHIPPED_CKPT" not in text and "export_weights" not in text, name
+
+
+def test_benchmark_in_a_fresh_clone_changes_no_committed_file(tmp_path):
+    """README's curves command with every number already committed: it says so, writes nothing, and exits 0."""
+    import shutil
+    import subprocess
+    import sys
+    work = tmp_path / "clone"
+    shutil.copytree(os.path.join(ROOT, "bench", "curves"), work / "bench" / "curves",
+                    ignore=shutil.ignore_patterns("runs"))
+    before = (work / "bench" / "curves" / "results.json").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--curves", "--minutes", "120", "--snapshots", "15",
+                        "30", "60", "--jobs", "2", "--out", str(work / "bench" / "curves")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "nothing to train or score" in r.stdout
+    assert (work / "bench" / "curves" / "results.json").read_bytes() == before
 
 
 @pytest.mark.slow  # 14 s: a full evaluation of the shipped file
 def test_shipped_weights_reproduce_the_committed_scores_at_1_and_2_steps():
     """checkpoints/shapes_tiny_selfe.pt, scored as README says (`evaluate.py --ckpt <it>`), gives the numbers
-    in bench/curves/results.json["shipped"] within 0.01 (the 1- and 2-step rows: 50 steps would take minutes)."""
+    in bench/shipped/results.json["shipped"] within 0.01 (the 1- and 2-step rows: 50 steps would take minutes)."""
     import json
     import evaluate
     import sample
-    shipped = json.load(open(os.path.join(ROOT, "bench", "curves", "results.json")))["shipped"]
+    shipped = json.load(open(os.path.join(ROOT, "bench", "shipped", "results.json")))["shipped"]
     net, tok, cfg = sample.load(os.path.join(ROOT, shipped["path"]))
     assert cfg["method"] == "selfe" and net.training is False
     rows = evaluate.evaluate(sample.make_generate(net, tok, cfg), [1, 2], 50, 4, cfg["image_size"], seed=0)
