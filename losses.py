@@ -373,12 +373,21 @@ class MeanFlow(FlowMatching):
     The JVP runs in fp32 under a bf16 autocast too (meanflow_dudt).
     omega: guidance folded into the target (Eq. 19 with kappa = 0): the velocity v = eps - x0 of a captioned
     sample is replaced by omega v + (1 - omega) u(x_t, t, t, phi), the live net's unconditional prediction;
-    1 = no guidance (the default); sampling then uses omega 1. p: the adaptive weight's power (0: plain L2)."""
+    1 = no guidance (the default); sampling then uses omega 1. p: the adaptive weight's power (0: plain L2).
+    v_loss: improved MeanFlow's v-loss (iMF, Geng et al., arXiv 2512.02012): regress the compound velocity
+    V = u + (t - r) sg[du/dt] onto v = eps - x0, with du/dt taken along the network's own velocity u(z_t, t, t, c)
+    (guided as v is) instead of the sampled v. Since ||V - v||^2 = ||u - (v - (t - r) sg[du/dt])||^2, the loss is
+    Eq. 9's and the one change is the JVP's tangent, which no longer carries the noise of eps - x0 (one more
+    no-grad pass on the jumps). iMF's guidance-as-condition is not taken: omega stays folded in (Eq. 19)."""
 
-    def __init__(self, tok, mu, jvp_net, caption_dropout=0.1, omega=1.0, jump_share=0.25, p=1.0, generator=None,
-                 device="cpu"):
+    def __init__(self, tok, mu, jvp_net, caption_dropout=0.1, omega=1.0, jump_share=0.25, p=1.0, v_loss=False,
+                 generator=None, device="cpu"):
         super().__init__(tok, mu, caption_dropout, generator, device)
-        self.jvp_net, self.omega, self.jump_share, self.p = jvp_net, omega, jump_share, p
+        self.jvp_net, self.omega, self.jump_share, self.p, self.v_loss = jvp_net, omega, jump_share, p, v_loss
+
+    def guided(self, v, u_phi, ids):
+        """omega v + (1 - omega) u(x_t, t, t, phi) where a caption is given (Eq. 19, kappa = 0), else v."""
+        return torch.where(bcast((ids != 0).any(1)), self.omega * v + (1 - self.omega) * u_phi, v)
 
     def times(self, batch, progress):
         return meanflow_times(batch, round(self.jump_share * batch), self.gen)
@@ -388,14 +397,21 @@ class MeanFlow(FlowMatching):
         matching's data term), jump = ||u - u_tgt||^2 per pixel where r < t, dudt = RMS of du/dt there."""
         x_t = add_noise(x0, eps, t)
         v = eps - x0                                                       # dz/dt of x_t = (1 - t) x0 + t eps
+        u_phi = None
         if self.omega != 1.0:                                              # Eq. 19 (kappa = 0), captioned only
             with torch.no_grad():
                 u_phi = self.jvp_net(x_t, t, t, self.null_ids.expand(len(t), -1))
-            v = torch.where(bcast((ids != 0).any(1)), self.omega * v + (1 - self.omega) * u_phi, v)
+            v = self.guided(v, u_phi, ids)
         u_tgt = v.clone()
         if len(jump) > 0:
-            _, dudt = meanflow_dudt(self.jvp_net, x_t[jump], t[jump], s[jump], ids[jump], v[jump])
-            u_tgt[jump] = meanflow_target(v[jump], t[jump], s[jump], dudt)  # Eq. 10
+            tangent = v[jump]                                              # MeanFlow: the sampled velocity
+            if self.v_loss:                                                # iMF: the network's own u(z_t, t, t, c)
+                with torch.no_grad():
+                    tangent = self.jvp_net(x_t[jump], t[jump], t[jump], ids[jump])
+                if u_phi is not None:
+                    tangent = self.guided(tangent, u_phi[jump], ids[jump])
+            _, dudt = meanflow_dudt(self.jvp_net, x_t[jump], t[jump], s[jump], ids[jump], tangent)
+            u_tgt[jump] = meanflow_target(v[jump], t[jump], s[jump], dudt)  # Eq. 10 (iMF: V = u + (t-r) sg[du/dt] -> v)
         u = net(x_t, t, s, ids)                                            # u(z_t, r, t): the pass with gradient
         err = (u - stopgrad(u_tgt)).pow(2).flatten(1).sum(1)               # ||u - sg[u_tgt]||^2 (Eq. 9)
         total = (adaptive_weight(err, self.p) * err).mean()

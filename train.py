@@ -67,6 +67,7 @@ def check_args(p, args):
          "--shortcut and --flow-target must be shares in [0, 1] that add up to at most 1"),
         (args.flow_steps < 1 or not 0 <= args.flow_below <= 1, "--flow-steps must be >= 1, --flow-below in [0, 1]"),
         (args.method != "selfe" and (args.shortcut or args.flow_target), "--shortcut and --flow-target are Self-E's levers (--method selfe)"),
+        (args.method != "meanflow" and args.meanflow_v_loss, "--meanflow-v-loss is a MeanFlow option (--method meanflow)"),
         (args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0,
          "--log-every and --ckpt-every must be at least 1, --sample-every at least 0"),
         (min(dim, depth, heads, patch) < 1, "--dim, --depth, --heads and --patch must be at least 1"),
@@ -118,6 +119,8 @@ def get_args(argv=None):
     g.add_argument("--mu", type=float, default=None, help="time shift (default from the image token count)")
     g.add_argument("--meanflow-cfg", type=float, default=1.0,
                    help="meanflow: guidance omega folded into the target (MeanFlow Eq. 19; 1 = none)")
+    g.add_argument("--meanflow-v-loss", action="store_true",
+                   help="meanflow: improved MeanFlow's v-loss (iMF): du/dt along the network's own velocity u(z, t, t)")
     g.add_argument("--optimizer", default="muon", choices=["adam", "muon"],
                    help="muon: torch.optim.Muon on the blocks' 2-D weights (RMS matched to Adam's), Adam on the rest "
                         "(the recipe search's winner; paper: Adam)")
@@ -400,8 +403,8 @@ def make_method(args, env, tok, model, ema, gen):
     if args.method == "flow":
         return losses.FlowMatching(tok, mu, args.caption_dropout, gen, env.device), net
     if args.method == "meanflow":
-        return losses.MeanFlow(tok, mu, model, args.caption_dropout, args.meanflow_cfg, generator=gen,
-                               device=env.device), net
+        return losses.MeanFlow(tok, mu, model, args.caption_dropout, args.meanflow_cfg, v_loss=args.meanflow_v_loss,
+                               generator=gen, device=env.device), net
     evaluator = (torch.compile(ema) if args.compile else ema) if args.evaluator == "ema" else fast
     paper = dict(caption_dropout=args.caption_dropout, tau_anneal=args.tau_anneal,
                  energy_preserving=not args.no_energy_preserving, fake_start=args.fake_start, k=args.fake_k,

@@ -44,6 +44,7 @@ VARIANTS = {
     "flow": dict(method="flow"),
     "selfe": dict(method="selfe"),
     "meanflow": dict(method="meanflow", p=0.0),  # plain L2: the adaptive weight is mode-seeking in 2-D (LOG.md)
+    "meanflow_vloss": dict(method="meanflow", p=0.0, v_loss=True),  # improved MeanFlow's v-loss (--meanflow-v-loss)
     "selfe_flowtgt": dict(method="levers", flow_target=0.25, flow_steps=8),
     "selfe_eta0": dict(method="selfe", eta=0.0),
     "selfe_fake": dict(method="selfe", fake_start=0.3),

@@ -236,6 +236,7 @@ def test_diagnose_works_on_exported_weights_and_says_so(tmp_path, tiny_ckpt):
     (["--clip", "0"], "--clip"),                      # was a zero gradient
     (["--vocab-size", "0"], "--vocab-size"),
     (["--omega", "-1"], "--omega"),
+    (["--meanflow-v-loss"], "--meanflow-v-loss"),     # a MeanFlow option on Self-E
     (["--dataset", "cc3m"], "--data-dir"),            # no data: no empty runs/cc3m/grids/ left behind
 ])
 def test_train_refuses_what_would_train_wrongly(tmp_path, capsys, flags, says):

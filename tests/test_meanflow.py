@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -71,7 +72,8 @@ class Net1D(nn.Module):
         return models.velocity(x, t, x0_hat)
 
 
-def test_learns_the_closed_form_average_velocity_of_a_gaussian():
+@pytest.mark.parametrize("v_loss", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_learns_the_closed_form_average_velocity_of_a_gaussian(v_loss):
     """x0 ~ N(m, sd^2): the flow maps z_t to z_r = (1 - r) m + a_r (z_t - (1 - t) m) / a_t, a_t^2 = (1 - t)^2 sd^2 + t^2,
     so u(z, r, t) = (z - z_r) / (t - r). After a short run u is close to it at a long jump and a jump to r = 0,
     and clearly closer than the instantaneous velocity at t (what the target gives without its du/dt term).
@@ -82,7 +84,7 @@ def test_learns_the_closed_form_average_velocity_of_a_gaussian():
     net = Net1D()
     g = torch.Generator().manual_seed(0)
     tok = lambda caps: torch.zeros(len(caps), 1, dtype=torch.long)
-    method = losses.MeanFlow(tok, 0.0, net, caption_dropout=0.0, jump_share=0.5, p=0.0, generator=g)
+    method = losses.MeanFlow(tok, 0.0, net, caption_dropout=0.0, jump_share=0.5, p=0.0, v_loss=v_loss, generator=g)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for i in range(steps):
         opt.param_groups[0]["lr"] = lr * (1 - i / steps)
@@ -135,3 +137,34 @@ def test_shortcut_target_keeps_the_exact_map_and_moves_a_wrong_one():
     tgt = levers.shortcut_target(wrong, x_t, t, s, None)
     assert not torch.allclose(tgt, wrong(x_t, t, s, None))
     assert (tgt - exact(x_t, t, s, None)).abs().max() < err(wrong)     # the target is nearer the exact map
+
+
+@pytest.mark.parametrize("omega", [1.0, 2.0])
+def test_v_loss_takes_du_dt_along_the_networks_own_velocity(monkeypatch, omega):
+    """iMF's one change: the JVP's tangent is u(z_t, t, t, c) (guided like v where omega != 1), not eps - x0; the
+    target's v stays the sampled one."""
+    net, tok = perturbed_tiny()
+    net = net.float()
+    seen = {}
+    real = losses.meanflow_dudt
+    monkeypatch.setattr(losses, "meanflow_dudt", lambda n, x, t, r, ids, v: seen.update(x=x, t=t, ids=ids, v=v)
+                        or real(n, x, t, r, ids, v))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
+    captions = ["a red circle", "two squares", "", "a blue triangle"] * 2
+    for v_loss in (False, True):
+        method = losses.MeanFlow(tok, 0.0, net, caption_dropout=0.0, omega=omega, v_loss=v_loss,
+                                 generator=torch.Generator().manual_seed(1))
+        captions_, ids, t, s, jump, eps, eps2 = method.draw(x0, captions, 0.0)
+        method.step_loss(net, x0, ids, t, s, jump, eps, eps2)
+        x_t, tj, idj = seen["x"], seen["t"], seen["ids"]
+        with torch.no_grad():
+            own = net(x_t, tj, tj, idj)
+            if omega != 1.0:
+                phi = net(x_t, tj, tj, method.null_ids.expand(len(tj), -1))
+                own = torch.where(losses.bcast((idj != 0).any(1)), omega * own + (1 - omega) * phi, own)
+        sampled = (eps - x0)[jump]
+        if v_loss:
+            assert torch.allclose(seen["v"], own, atol=1e-5) and not torch.allclose(seen["v"], sampled, atol=1e-2)
+        else:
+            assert not torch.allclose(seen["v"], own, atol=1e-2)
