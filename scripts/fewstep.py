@@ -80,8 +80,9 @@ def curves_at(steps):
 # ones, the --dim 256 runs (about 4x the parameters) are new.
 CAPACITY = {("Self-E + flow target", "tiny"): ["selfe_ft0.25_s0", "selfe_ft0.25_s1"],
             ("Self-E + flow target", "dim 256"): ["cap_d256_selfe_ft0.25_s0"],
-            ("MeanFlow, guidance 2", "tiny"): ["meanflow_cfg2_3k_s0"],
+            ("MeanFlow, guidance 2", "tiny"): ["meanflow_cfg2_3k_s0", "meanflow_cfg2_3k_s1"],
             ("MeanFlow, guidance 2", "dim 256"): ["cap_d256_meanflow_cfg2_s0"],
+            ("MeanFlow + iMF's v-loss, guidance 2", "tiny"): ["meanflow_cfg2_vloss_3k_s0"],
             ("flow matching", "tiny"): ["flow_3k_s0"],
             ("flow matching", "dim 256"): ["cap_d256_flow_s0"],
             ("Self-E (the paper's)", "tiny"): ["selfe_3k_s0", "selfe_3k_s1"]}
@@ -110,7 +111,8 @@ def capacity(res, out=os.path.join("bench", "capacity")):
                             "1,500-step snapshot (the learning rate decaying over 3,000, as for every 1,500 row): no "
                             "CPU time was left for their 3,000-step ends; cap_d256_flow_s0 stopped at step 201, "
                             "unscored. The tiny Self-E and MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz in "
-                            "bf16); the 2026-12-06 runs used it in fp32 (LOG.md).", rows=rows),
+                            "bf16); the 2026-12-06 runs used it in fp32 (LOG.md). meanflow_cfg2_3k_s1 and "
+                            "meanflow_cfg2_vloss_3k_s0 (--meanflow-v-loss) were stopped at 1,500 steps too.", rows=rows),
               open(os.path.join(out, "results.json"), "w"), indent=1)
     md = ["# Network or method: each method at two widths, step-matched", "",
           "Made by `python -m scripts.fewstep --capacity` from `results.json` (protocol there). Cells: ShapesEval "
