@@ -333,8 +333,9 @@ def lr_at(step, progress, args):
 def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
     """torch.optim.Muon's orthogonalisation (its quintic Newton-Schulz iteration, same coefficients and steps), in
     fp32 instead of bf16. A CPU without bf16 matrix units (AVX2 only) runs bf16 matmuls ~40x slower than fp32: in
-    torch 2.13 they took 1.8 s of a 2 s tiny-model step on such a machine, 0.1 s in fp32. The result differs from
-    the bf16 one by a few bf16 roundings (measured: at most 0.006 on entries of ~0.3)."""
+    torch 2.13 they took 1.8 s of a 1.9 s tiny-model step at batch 4 on such a machine; a batch-64 step took 2.58 s
+    with them and 0.72 s with this (LOG.md, 2026-12-06). The result differs from the bf16 one by a few bf16
+    roundings (measured: at most 0.006 on entries of ~0.3)."""
     a, b, c = ns_coefficients
     X = grad.float().T if grad.size(0) > grad.size(1) else grad.float()
     X = X / X.norm().clamp(min=eps)                                     # spectral norm at most 1
