@@ -37,6 +37,10 @@ Writes <out>/diagnose.json (default: the checkpoint's run folder; eval/shipped f
   last_vs_teacher: where 8 Euler steps of the flow head land from x_t1 (the --flow-target lever's target for this
   jump), against the flow prediction and against the jump: has the jump learned its target? Then ShapesEval overall (10
   prompts per task) of the 2-step sample and of its first jump finished by K = 2 and 4 steps of the flow head.
+  s_sweep: the same for the jumps t_1 -> s, s / t_1 in S_FRACS: where each lands (x_s) against the ODE's landing
+  (K Euler steps of the flow head) and the flow head's one Euler step; learned = 1 - jump_vs_ode / ode_vs_euler,
+  the share of the way from the one-step Euler landing to the ODE's that the jump has learned; cond_vs_last, how far
+  the conditioning c = MLP_t(t) + MLP_s(t - s) + text moves from the last jump's (s = 0), relative to its norm.
 """
 import argparse
 import json
@@ -54,6 +58,7 @@ import sampler
 from model import G
 
 TIMES = [0.2, 0.4, 0.6, 0.8, 0.95, 0.999]
+S_FRACS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5]  # --lastjump's sweep of s / t_1 (--flow-below is 0.1 as shipped)
 
 
 def rms(x):
@@ -125,6 +130,16 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     # the --flow-target lever's target for this jump: where the run's --flow-steps (8) Euler steps of the flow head land
     teacher = x_t - losses.bcast(t) * levers.flow_target(net, x_t, t, torch.zeros(batch), ids, cfg.get("flow_steps", 8))
     out.update(teacher_vs_flow=rms(teacher - flow), last_vs_teacher=rms(last - teacher))
+    out["s_sweep"] = {}  # the jumps t_1 -> s beside the last one: what each lands on, as a share of the way
+    cond = lambda s: net.t_embed(t) + net.s_embed(t - s) + net.text_proj(net.text(ids)[2])   # the DiT's c (B, D)
+    c0 = cond(torch.zeros(batch))
+    for frac in S_FRACS:  # from the flow head's one Euler step (0) to the flow target's K steps (1)
+        s = torch.full((batch,), frac * t1)
+        euler, jump = (x_t - losses.bcast(t - s) * net(x_t, t, q, ids) for q in (t, s))
+        ode = x_t - losses.bcast(t - s) * levers.flow_target(net, x_t, t, s, ids, cfg.get("flow_steps", 8))
+        out["s_sweep"][str(frac)] = dict(ode_vs_euler=rms(ode - euler), jump_vs_ode=rms(jump - ode),
+                                         learned=1 - rms(jump - ode) / rms(ode - euler),
+                                         cond_vs_last=((cond(s) - c0).norm(dim=1) / c0.norm(dim=1)).mean().item())
     gen = sample.make_generate(net, tok, cfg)
     score = lambda g: evaluate.evaluate(g, [2], per_task, n, seed=seed, swd=False)["2"]["overall"]
     out["two_steps"] = score(gen)
@@ -237,6 +252,8 @@ def main(argv=None):
         print(f"t_1 = {res['t1']:.3f}: last jump vs flow head RMS {res['last_vs_flow']:.4f}, posterior spread "
               f"{res['posterior_spread']:.4f} (ratio {res['left_the_mean']:.2f}); 2 steps {res['two_steps']:.3f}, "
               f"first jump + K flow steps: " + ", ".join(f"K={k} {v:.3f}" for k, v in res["first_jump_then"].items()))
+        print("s / t_1:  " + "  ".join(f"{f} learned {r['learned']:.2f} (c moves {r['cond_vs_last']:.3f})"
+                                     for f, r in res["s_sweep"].items()))
         json.dump(dict(ckpt=args.ckpt, step=ckpt["step"], **res), open(os.path.join(out_dir, "lastjump.json"), "w"),
                   indent=1)
         return

@@ -13,6 +13,7 @@ prompt set (50 per task x 4 images) at 1 / 2 / 4 / 8 / 50 steps with its method'
 import argparse
 import json
 import os
+import re
 import sys
 
 import model as models
@@ -31,7 +32,8 @@ def collect(runs_dir=os.path.join(OUT, "runs")):
         if not os.path.isdir(d):  # the runs' logs sit beside their folders
             continue
         evals = {e[4:]: os.path.join(d, e, "shapes_eval.json") for e in os.listdir(d) if e.startswith("eval")}
-        evals = {m: path for m, path in evals.items() if os.path.exists(path)}  # "15", "30" or "<N>steps"
+        evals = {m: path for m, path in evals.items()  # "15", "30" or "<N>steps" (other evaluations, e.g. at
+                 if os.path.exists(path) and re.fullmatch(r"\d+(steps)?", m)}  # another eta, are not the run's rows)
         if not evals:
             continue
         cfg = json.load(open(os.path.join(d, "config.json")))
@@ -109,8 +111,8 @@ def capacity(res, out=os.path.join("bench", "capacity")):
                             "_s1); dim 256: --dim 256 (heads 4, depth 4, patch 8); scored by evaluate.py on the full "
                             "prompt set. The 2026-12-06 runs (dim 256, flow_3k_s0) were stopped by SIGTERM at their "
                             "1,500-step snapshot (the learning rate decaying over 3,000, as for every 1,500 row): no "
-                            "CPU time was left for their 3,000-step ends; cap_d256_flow_s0 stopped at step 201, "
-                            "unscored. The tiny Self-E and MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz in "
+                            "CPU time was left for their 3,000-step ends; cap_d256_flow_s0, stopped at step 201, was "
+                            "resumed on 2026-12-07 and stopped at its 1,500-step snapshot too. The tiny Self-E and MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz in "
                             "bf16); the 2026-12-06 runs used it in fp32 (LOG.md). meanflow_cfg2_3k_s1 and "
                             "meanflow_cfg2_vloss_3k_s0 (--meanflow-v-loss) were stopped at 1,500 steps too.", rows=rows),
               open(os.path.join(out, "results.json"), "w"), indent=1)

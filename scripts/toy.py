@@ -29,8 +29,8 @@ import torch.nn as nn
 
 import levers
 import losses
-from model import TimeMLP, ema_update, velocity
-from sampler import DEFAULTS, sample
+from model import G, TimeMLP, ema_update, velocity
+from sampler import DEFAULTS, sample, schedule
 
 LABELS = 3
 MODES = torch.tensor([[math.cos(a), math.sin(a)] for a in torch.arange(6) * math.pi / 3])  # (6, 2)
@@ -58,6 +58,19 @@ VARIANTS = {
     "selfe_flowtgt_below03": dict(method="levers", flow_target=0.25, flow_steps=8, flow_below=0.3),
     "selfe_flowtgt_below1": dict(method="levers", flow_target=0.25, flow_steps=8, flow_below=1.0),  # every jump
     "selfe_flowtgt_t1": dict(method="levers", flow_target=0.25, flow_steps=8, flow_t="one"),
+    # issue 30, parts 2-3 (2026-12-07): why the last jump learns its teacher only partly; 4 steps against 2
+    "selfe_flowtgt_live": dict(method="levers", flow_target=0.25, flow_steps=8, teacher="live"),  # no EMA lag
+    "selfe_flowtgt_warm": dict(method="levers", flow_target=0.25, flow_steps=8, warmup=0.2),  # flow matching first
+    "selfe_flowtgt_lam0": dict(method="levers", flow_target=0.25, flow_steps=8, self_scale=0.0),  # no self-eval
+    "selfe_flowtgt_lam025": dict(method="levers", flow_target=0.25, flow_steps=8, self_scale=0.25),
+    "selfe_flowtgt_boot": dict(method="levers", flow_target=0.25, boot=0.125),  # 2 passes, not 8
+    "selfe_flowtgt_below1_eta0": dict(method="levers", flow_target=0.25, flow_below=1.0, eta=0.0),
+    "selfe_flowtgt_below1_self03_eta0": dict(method="levers", flow_target=0.25, flow_below=1.0, flow_self=0.3, eta=0.0),
+    "selfe_flowtgt_below1_t1_eta0": dict(method="levers", flow_target=0.25, flow_below=1.0, flow_t="one", eta=0.0),
+    "selfe_flowtgt_below1_self01": dict(method="levers", flow_target=0.25, flow_below=1.0, flow_self=0.1),
+    "selfe_flowtgt_below1_self03": dict(method="levers", flow_target=0.25, flow_below=1.0, flow_self=0.3),
+    "selfe_flowtgt_below1_self1": dict(method="levers", flow_target=0.25, flow_below=1.0, flow_self=1.0),
+    "selfe_flowtgt_fake_k0": dict(method="levers", flow_target=0.25, flow_steps=8, fake_start=0.3, k=0.0),
 }
 
 
@@ -107,8 +120,11 @@ class ToyNet(nn.Module):
 
 
 def make_method(variant, net, ema, g):
-    """The method object of a variant, built as train.py builds it (mu 0: no resolution shift for two numbers)."""
+    """The method object of a variant, built as train.py builds it (mu 0: no resolution shift for two numbers).
+    teacher="live": the flow target's Euler steps take the live network instead of the EMA (no EMA lag)."""
     opts = {k: v for k, v in VARIANTS[variant].items() if k not in ("method", "eta")}
+    if opts.get("teacher") == "live":
+        opts["teacher"] = net
     method = VARIANTS[variant]["method"]
     if method == "flow":
         return losses.FlowMatching(tok, 0.0, generator=g)
@@ -206,12 +222,46 @@ def score(net, variant):
     return {str(k): metrics(*generate(net, variant, k)) for k in STEPS}
 
 
+@torch.no_grad()
+def probe(net, variant, n=4000, K=8, seed=5):
+    """The lab's `diagnose --lastjump`: has the last jump learned its flow teacher, and do the middle jumps leave
+    the ODE? On n fresh points per jump, RMS distances (per coordinate) between clean-sample predictions:
+    last_vs_flow, teacher_vs_flow, last_vs_teacher for the 2-step sampler's last jump t_1 = 0.5 -> 0 (flow: the
+    flow head G(x_t, t, t, c) ~ E[x0 | x_t, c]; teacher: where K Euler steps of the flow head land, the flow
+    target), and middle_vs_teacher for the 4-step sampler's middle jump 0.75 -> 0.5 (the same comparison: how far
+    self-evaluation moves a middle jump off the ODE). first_jump_then4: the metrics of the 2-step sample's first
+    jump finished by 4 deterministic flow-head steps (diagnose's first_jump_then)."""
+    g = torch.Generator().manual_seed(seed)
+    rms = lambda d: round(d.pow(2).mean().sqrt().item(), 4)
+    out = {}
+    for name, t_, s_ in (("last", 0.5, 0.0), ("middle", 0.75, 0.5)):
+        x0, captions = draw(n, g)
+        ids, t, s = tok(captions), torch.full((n,), t_), torch.full((n,), s_)
+        x_t = losses.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        jump, flow = G(net, x_t, t, s, ids), G(net, x_t, t, t, ids)
+        teacher = x_t - losses.bcast(t - s) * levers.flow_target(net, x_t, t, s, ids, K)   # x_s' (the ODE's)
+        jump_xs = x_t - losses.bcast(t - s) * net(x_t, t, s, ids)                          # x_s of the jump
+        if name == "last":
+            out.update(last_vs_flow=rms(jump - flow), teacher_vs_flow=rms(teacher - flow),
+                       last_vs_teacher=rms(jump - teacher), posterior_spread=rms(x0 - flow))
+        else:
+            out["middle_vs_teacher"] = rms(jump_xs - teacher)
+    labels = torch.arange(1, LABELS + 1).repeat_interleave(400)
+    d, eta = sampler_of(variant)
+    x = sample(net, labels.view(-1, 1), torch.zeros(1, 1, dtype=torch.long), 1, 0.0, (2, 1, 1), eta=eta,
+               s_mode=d["s_mode"], generator=torch.Generator().manual_seed(123), ts=schedule(2, 0.0)[:2].tolist())
+    x = sample(net, labels.view(-1, 1), torch.zeros(1, 1, dtype=torch.long), 4, 0.0, (2, 1, 1), eta=0.0,
+               s_mode="same", x=x, ts=torch.linspace(0.5, 0, 5).tolist())
+    out["first_jump_then4"] = metrics(x.flatten(1), labels)
+    return out
+
+
 def lab(variant, steps, seed):
     """One lab run: train to `steps` with the metrics every 1,000 steps (the curve); returns (record, EMA net)."""
     t0, curve = time.process_time(), {}
     net = train(variant, steps, seed=seed, on_eval=lambda step, ema: curve.update({str(step): score(ema, variant)}))
     return dict(variant=variant, seed=seed, steps=steps, options=VARIANTS[variant], final=curve[str(steps)],
-                curve=curve, cpu_s=round(time.process_time() - t0, 1)), net
+                probe=probe(net, variant), curve=curve, cpu_s=round(time.process_time() - t0, 1)), net
 
 
 def fmt(m):
@@ -235,6 +285,20 @@ def table(results):
         r = results["runs"][key]
         rows.append(f"| {r['variant']} | {r['seed']} | {r['steps']:,} | " +
                     " | ".join(fmt(r["final"][str(k)]) for k in STEPS) + " |")
+    rows += ["", "The probe (`probe`, runs recorded since 2026-12-07): the 2-step sampler's last jump 0.5 -> 0 against the "
+             "flow head (flow) and its flow target (teacher, 8 Euler steps); learned = 1 - last_vs_teacher / "
+             "teacher_vs_flow; the 4-step sampler's middle jump 0.75 -> 0.5 against the ODE's landing; the 2-step "
+             "sample's first jump finished by 4 flow steps (dist / tv / off / energy), beside the 2-step sample.", "",
+             "| variant | seed | last_vs_flow | teacher_vs_flow | last_vs_teacher | learned | middle_vs_teacher | "
+             "first jump + 4 flow steps | 2 steps |", "|" + "---|" * 9]
+    for key in sorted(results["runs"], key=lambda k: (list(VARIANTS).index(results["runs"][k]["variant"])
+                                                        if results["runs"][k]["variant"] in VARIANTS else 99, k)):
+        r = results["runs"][key]
+        if "probe" in r:
+            q = r["probe"]
+            rows.append(f"| {r['variant']} | {r['seed']} | {q['last_vs_flow']:.3f} | {q['teacher_vs_flow']:.3f} | "
+                        f"{q['last_vs_teacher']:.3f} | {1 - q['last_vs_teacher'] / q['teacher_vs_flow']:.2f} | "
+                        f"{q['middle_vs_teacher']:.3f} | {fmt(q['first_jump_then4'])} | {fmt(r['final']['2'])} |")
     return "\n".join(rows) + "\n"
 
 
@@ -317,6 +381,8 @@ def main(argv=None):
                     json.dump(rec, f, indent=1)
                 print(f"{variant} seed {seed} ({rec['cpu_s']:.0f} CPU-s): " +
                       "  ".join(f"{k}: {fmt(rec['final'][str(k)])}" for k in STEPS), flush=True)
+                print("  probe: " + "  ".join(f"{k} {fmt(v) if isinstance(v, dict) else v}"
+                                             for k, v in rec["probe"].items()), flush=True)
         return
     if args.table:
         with open(os.path.join(args.out, "lab.md"), "w") as f:

@@ -179,3 +179,73 @@ def test_flow_target_lever_takes_the_jumps_at_s_0_and_near_0_and_leaves_the_rest
     assert torch.allclose(total, want, rtol=1e-5)
     plain, _, _ = paper.step_loss(net, x0, ids, t, s, jump, eps, eps2)
     assert not torch.allclose(total, plain, rtol=1e-3)
+
+
+def test_lever_warmup_self_scale_and_bootstrap_change_only_what_they_name():
+    """levers.Levers options of the any-step study (scripts/toy.py lab): warmup, plain flow matching (no jumps)
+    before that share of training; self_scale, lambda_{s,t} (Eq. 17) times a factor; boot, the flow target's K
+    Euler steps replaced by one Euler step of the flow head over the first `boot` of the interval and the teacher's
+    own jump for the rest."""
+    B = 32
+    method = levers.Levers(null_tok(), 0.0, None, None, flow_target=0.25, warmup=0.2,
+                           generator=torch.Generator().manual_seed(1))
+    t, s, jump = method.times(B, progress=0.1)
+    assert len(jump) == 0 and torch.equal(s, t)                  # warming up: every sample is flow matching
+    t, s, jump = method.times(B, progress=0.3)
+    assert len(jump) == B // 2 and (s[jump] < t[jump]).all()     # then the jumps as before
+    x0, ids, t, s, jump, eps, eps2 = setup(8)
+    net = Scaled()
+    x_t = losses.add_noise(x0, eps, t)
+    G = losses.G(net, x_t, t, s, ids).detach()
+    base = levers.Levers(null_tok(), 0.0, evaluator=net, live=net)
+    _, lam, _ = base.self_evaluate(G, ids, t, s, jump, eps2)
+    _, lam_q, _ = levers.Levers(null_tok(), 0.0, evaluator=net, live=net, self_scale=0.25).self_evaluate(
+        G, ids, t, s, jump, eps2)
+    assert lam[jump].abs().sum() > 0 and torch.allclose(lam_q, 0.25 * lam)
+    # the bootstrapped target: by hand, one Euler step of the flow head to m, then the jump m -> s
+    tj, sj = t[jump], s[jump]
+    m = tj - 0.25 * (tj - sj)
+    with torch.no_grad():
+        x_m = x_t[jump] - losses.bcast(tj - m) * net(x_t[jump], tj, tj, ids[jump])
+        x_s = x_m - losses.bcast(m - sj) * net(x_m, m, sj, ids[jump])
+        want = (x_t[jump] - x_s) / losses.bcast(tj - sj)
+    got = levers.bootstrap_target(net, x_t[jump], tj, sj, ids[jump], 0.25)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, levers.flow_target(net, x_t[jump], tj, sj, ids[jump], 8), atol=1e-3)
+    # and the lever uses it, in place of the K-step flow target, on the flow-target jumps
+    calls = []
+    boot = levers.Levers(null_tok(), 0.0, evaluator=net, live=net, flow_target=0.25, flow_below=1.0, boot=0.25)
+    boot.teacher = lambda *a: calls.append(a[1]) or net(*a)
+    (idx, v_tgt), = boot.trajectory_targets(x_t, ids, t, s, jump)
+    assert len(calls) == 2 and torch.allclose(v_tgt, levers.bootstrap_target(net, x_t[idx], t[idx], s[idx], ids[idx], 0.25))
+
+
+def test_flow_self_keeps_a_self_evaluation_pull_on_the_flow_target_jumps():
+    """levers.Levers(flow_self=g): a flow-target jump's loss is ||G - (x_traj - c Delta)||^2, c = g min(lambda, 1),
+    whose gradient is that of ||G - x_traj||^2 + c ||G - x_self||^2 (Eq. 16 with the data x0 replaced by the
+    trajectory's landing x_traj): self-evaluation still acts, at a bounded weight, where the flow target rules."""
+    x0, ids, t, s, jump, eps, eps2 = setup(8)
+
+    class Prompted(Scaled):  # V depends on the prompt too, so the classifier direction Delta is not 0
+        def forward(self, x, t, s, ids):
+            return super().forward(x, t, s, ids) + 0.1 * ids.float().mean(1).view(-1, 1, 1, 1)
+    net = Prompted()
+    plain = levers.Levers(null_tok(), 0.0, evaluator=net, live=net, flow_target=0.25, flow_below=1.0, flow_steps=3)
+    pulled = levers.Levers(null_tok(), 0.0, evaluator=net, live=net, flow_target=0.25, flow_below=1.0, flow_steps=3,
+                           flow_self=0.5)
+    x_t = losses.add_noise(x0, eps, t)
+    G = losses.G(net, x_t, t, s, ids)
+    grads = []
+    for m in (plain, pulled):
+        x_self, lam, _ = m.self_evaluate(G.detach(), ids, t, s, jump, eps2)
+        (idx, v_tgt), = m.trajectory_targets(x_t, ids, t, s, jump)
+        assert torch.equal(idx, jump)                                 # flow_below 1: every jump
+        loss = losses.per_sample_mse(G[idx], x_t[idx] - losses.bcast(t[idx]) * v_tgt).sum()
+        grads.append(torch.autograd.grad(loss, G)[0][idx])
+    x_traj = x_t[jump] - losses.bcast(t[jump]) * levers.flow_target(net, x_t[jump], t[jump], s[jump], ids[jump], 3)
+    c = 0.5 * lam[jump].clamp(max=1.0)
+    G_j = G[jump].detach().requires_grad_()
+    want = torch.autograd.grad((losses.per_sample_mse(G_j, x_traj) +
+                                c * losses.per_sample_mse(G_j, x_self[jump])).sum(), G_j)[0]
+    assert torch.allclose(grads[1], want, atol=1e-6)
+    assert (lam[jump] > 0).all() and not torch.allclose(grads[0], grads[1])   # the pull moves every judged jump
