@@ -41,18 +41,6 @@ def flow_target(net, x_t, t, s, ids, steps):
     return (x_t - x) / bcast(t - s)
 
 
-@torch.no_grad()
-def bootstrap_target(net, x_t, t, s, ids, frac):
-    """V_tgt = (x_t - x_s') / (t - s) at two passes instead of `steps`: one Euler step of the flow head over the
-    first `frac` of the interval, to m = t - frac (t - s), then the network's own jump V(x_m, m, s, c) for the rest
-    (a bootstrapped target, as consistency training and alpha-Flow's discrete target: the jump from m is learned by
-    the same rule, so the ODE's landing is assembled recursively from short flow steps)."""
-    m = t - frac * (t - s)
-    x_m = x_t - bcast(t - m) * net(x_t, t, t, ids)
-    x_s = x_m - bcast(m - s) * net(x_m, m, s, ids)
-    return (x_t - x_s) / bcast(t - s)
-
-
 class Levers(SelfE):
     """Self-E with the levers above. shortcut: share of the jumps on the shortcut target; flow_target: share of the
     jumps drawn at s = 0 (from t as drawn, or from t = 1 with flow_t="one") and put, with every jump at
@@ -60,12 +48,8 @@ class Levers(SelfE):
     The shares are disjoint slices of the jumps."""
 
     def __init__(self, *args, shortcut=0.0, flow_target=0.0, flow_steps=8, flow_below=0.1, flow_t="drawn", teacher=None,
-                 warmup=0.0, self_scale=1.0, boot=0.0, flow_self=0.0, **kw):
+                 **kw):
         super().__init__(*args, **kw)
-        self.warmup, self.self_scale = warmup, self_scale  # plain flow matching before `warmup`; lambda x self_scale
-        self.boot = boot  # > 0: the flow target bootstrapped (bootstrap_target, 2 passes) instead of flow_steps Euler steps
-        self.flow_self = flow_self  # > 0: the flow-target jumps keep a self-evaluation pull of this weight (below)
-        self.pull = None  # this step's (Delta, lambda) from self_evaluate, read by trajectory_targets
         self.shortcut, self.flow_target, self.flow_steps, self.flow_below = shortcut, flow_target, flow_steps, flow_below
         self.flow_t = flow_t  # the t of the jumps drawn at s = 0: "drawn" (as the rest) or "one" (the 1-step jump)
         self.teacher = teacher if teacher is not None else self.evaluator
@@ -77,21 +61,11 @@ class Levers(SelfE):
 
     def times(self, batch, progress):
         t, s, jump = super().times(batch, progress)
-        if progress < self.warmup:  # a warm-up of plain flow matching: the flow head forms before any jump is trained
-            return t, t.clone(), jump[:0]
         at_zero = self.slices(jump)[0]
         s[at_zero] = 0.0
         if self.flow_t == "one":  # the sampler's first jump starts at t = 1: train that jump alone
             t[at_zero] = 1 - 1e-3
         return t, s, jump
-
-    def self_evaluate(self, x0_hat, *args, **kw):
-        """Self-evaluation as the paper's, its weight lambda_{s,t} (Eq. 17) scaled by self_scale. Keeps this step's
-        Delta = sg[x0_hat] - x_self (Eq. 14; 0 where not judged) and lambda for the flow-target jumps (flow_self)."""
-        x_self, lam, landing = super().self_evaluate(x0_hat, *args, **kw)
-        lam = lam * self.self_scale
-        self.pull = (x0_hat.detach() - x_self, lam)
-        return x_self, lam, landing
 
     def trajectory_targets(self, x_t, ids, t, s, jump):
         """The hook of losses.SelfE.step_loss: [(shortcut jumps, their V_tgt), (flow-target jumps, theirs)]."""
@@ -103,12 +77,6 @@ class Levers(SelfE):
             rest = jump[len(at_zero) + len(short):]
             flow = torch.cat([at_zero, rest[(s[rest] <= self.flow_below * t[rest]) & (s[rest] < t[rest])]])
             if len(flow):
-                v_tgt = (bootstrap_target(self.teacher, x_t[flow], t[flow], s[flow], ids[flow], self.boot)
-                         if self.boot > 0 else
-                         flow_target(self.teacher, x_t[flow], t[flow], s[flow], ids[flow], self.flow_steps))
-                if self.flow_self > 0:  # ||G - x_traj||^2 + c ||G - x_self||^2 (Eq. 16's form, x0 -> x_traj) has the
-                    delta, lam = self.pull  # gradient of ||G - (x_traj - c Delta)||^2, c = flow_self min(lambda, 1)
-                    c = self.flow_self * lam[flow].clamp(max=1.0)
-                    v_tgt = v_tgt + bcast(c / t[flow]) * delta[flow]  # x_t - t V_tgt moves by -c Delta
-                targets.append((flow, v_tgt))
+                targets.append((flow, flow_target(self.teacher, x_t[flow], t[flow], s[flow], ids[flow],
+                                                  self.flow_steps)))
         return targets

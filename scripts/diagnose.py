@@ -40,7 +40,8 @@ Writes <out>/diagnose.json (default: the checkpoint's run folder; eval/shipped f
   s_sweep: the same for the jumps t_1 -> s, s / t_1 in S_FRACS: where each lands (x_s) against the ODE's landing
   (K Euler steps of the flow head) and the flow head's one Euler step; learned = 1 - jump_vs_ode / ode_vs_euler,
   the share of the way from the one-step Euler landing to the ODE's that the jump has learned; cond_vs_last, how far
-  the conditioning c = MLP_t(t) + MLP_s(t - s) + text moves from the last jump's (s = 0), relative to its norm.
+  the conditioning c = MLP_t(t) + MLP_s(t - s) + text moves from the last jump's (s = 0), relative to its norm
+  (cond_flow_vs_last: the flow head's, s = t).
 """
 import argparse
 import json
@@ -133,6 +134,7 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     out["s_sweep"] = {}  # the jumps t_1 -> s beside the last one: what each lands on, as a share of the way
     cond = lambda s: net.t_embed(t) + net.s_embed(t - s) + net.text_proj(net.text(ids)[2])   # the DiT's c (B, D)
     c0 = cond(torch.zeros(batch))
+    out["cond_flow_vs_last"] = ((cond(t) - c0).norm(dim=1) / c0.norm(dim=1)).mean().item()   # s = t against s = 0
     for frac in S_FRACS:  # from the flow head's one Euler step (0) to the flow target's K steps (1)
         s = torch.full((batch,), frac * t1)
         euler, jump = (x_t - losses.bcast(t - s) * net(x_t, t, q, ids) for q in (t, s))

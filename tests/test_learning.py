@@ -17,6 +17,7 @@ them does not shorten the way to the nearest."""
 import copy
 import math
 
+import pytest
 import torch
 
 import losses
@@ -100,3 +101,19 @@ def test_lab_orders_the_methods_at_one_step():
         torch.set_num_threads(threads)
     assert m["flow"]["off"] > m["selfe"]["off"] + 0.05
     assert m["selfe_flowtgt"]["tv"] < m["selfe"]["tv"] - 0.1
+
+
+def test_lab_probe_reads_zero_for_jumps_that_ignore_s():
+    """scripts.toy.probe: a ToyNet whose MLP_s outputs 0 (V ignores s: every jump is the flow head's one Euler step)
+    lies 0 from the flow head at s = 0, as far from the 8-step flow target as the flow head is (learned 0), and its
+    middle jump lies off the ODE; the first jump finished by 4 flow steps is scored like any sample."""
+    from scripts import toy
+    torch.manual_seed(0)
+    net = toy.ToyNet()
+    with torch.no_grad():
+        net.s_embed.mlp[2].weight.zero_()
+        net.s_embed.mlp[2].bias.zero_()
+    q = toy.probe(net, "selfe_flowtgt", n=500)
+    assert q["last_vs_flow"] == 0 and q["teacher_vs_flow"] > 0
+    assert q["last_vs_teacher"] == pytest.approx(q["teacher_vs_flow"], abs=1e-4) and q["middle_vs_teacher"] > 0
+    assert set(q["first_jump_then4"]) == {"dist", "tv", "off", "energy"}

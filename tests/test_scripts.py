@@ -187,6 +187,10 @@ def test_lastjump_probe_reads_zero_for_a_jump_that_is_the_flow_head(tiny_ckpt, m
     assert real["last_vs_flow"] > 0 and real["posterior_spread"] > 0
     assert real["left_the_mean"] == real["last_vs_flow"] / real["posterior_spread"]
     assert set(real["first_jump_then"]) == {"2", "4"}
+    sweep = real["s_sweep"]
+    assert list(sweep) == [str(f) for f in diagnose.S_FRACS] and sweep["0.0"]["cond_vs_last"] == 0
+    assert sweep["0.0"]["jump_vs_ode"] == pytest.approx(real["last_vs_teacher"])      # s = 0: the last jump itself
+    assert all(r["cond_vs_last"] > 0 for f, r in sweep.items() if f != "0.0") and real["cond_flow_vs_last"] > 0
     build, calls = models.from_checkpoint, []
 
     def flat(*a, **k):  # the same network with s replaced by t: every jump is the flow head
@@ -198,6 +202,7 @@ def test_lastjump_probe_reads_zero_for_a_jump_that_is_the_flow_head(tiny_ckpt, m
     res = diagnose.lastjump(ckpt, per_task=1, n=1, K=(), batch=32)
     assert res["last_vs_flow"] == 0 and res["left_the_mean"] == 0
     assert res["teacher_vs_flow"] > 0 and res["last_vs_teacher"] == pytest.approx(res["teacher_vs_flow"])
+    assert all(abs(r["learned"]) < 1e-4 for r in res["s_sweep"].values())    # no jump has left its Euler step
     calls.clear()
     tok = diagnose.data.Tokenizer(ckpt["tokenizer"], ckpt["config"]["max_text_len"])
     diagnose.first_jump_then(flat(ckpt, tok.vocab_size), tok, ckpt["config"], 4)(["a red circle"] * 3, 2)
