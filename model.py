@@ -213,11 +213,15 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)   # (B, C, g, p, g, p)
         return x.reshape(B, C, g * p, g * p)                        # (B, C, H, W)
 
+    def condition(self, t, s, pooled):
+        """c = MLP_t(sinusoid(t)) + MLP_s(sinusoid(t - s)) + the pooled text, projected: what adaLN reads (B, D)."""
+        return self.t_embed(t) + self.s_embed(t - s) + self.text_proj(pooled)
+
     def forward(self, x, t, s, ids):
         """x: (B, C, H, W) noisy images x_t; t, s: (B,) times with s <= t; ids: (B, L) text -> V (B, C, H, W)."""
         txt, txt_keep, pooled = self.text(ids)                       # (B, 1+L, D), (B, 1+L), (B, D)
         img = self.x_embed(self.patchify(x)) + self.pos              # (B, T, D), T = H * W / patch ** 2
-        c = self.t_embed(t) + self.s_embed(t - s) + self.text_proj(pooled)  # (B, D)
+        c = self.condition(t, s, pooled)                             # (B, D)
         h = torch.cat([txt, img], dim=1)                             # (B, 1+L+T, D): joint attention
         keep = torch.cat([txt_keep, torch.ones_like(img[..., 0], dtype=torch.bool)], dim=1)
         for block in self.blocks:

@@ -132,7 +132,8 @@ def lastjump(ckpt, per_task=10, n=4, K=(2, 4), seed=0, batch=256):
     teacher = x_t - losses.bcast(t) * levers.flow_target(net, x_t, t, torch.zeros(batch), ids, cfg.get("flow_steps", 8))
     out.update(teacher_vs_flow=rms(teacher - flow), last_vs_teacher=rms(last - teacher))
     out["s_sweep"] = {}  # the jumps t_1 -> s beside the last one: what each lands on, as a share of the way
-    cond = lambda s: net.t_embed(t) + net.s_embed(t - s) + net.text_proj(net.text(ids)[2])   # the DiT's c (B, D)
+    pooled = net.text(ids)[2]                                     # the text once; c for each s below
+    cond = lambda s: net.condition(t, s, pooled)                  # what the DiT's adaLN reads (B, D)
     c0 = cond(torch.zeros(batch))
     out["cond_flow_vs_last"] = ((cond(t) - c0).norm(dim=1) / c0.norm(dim=1)).mean().item()   # s = t against s = 0
     for frac in S_FRACS:  # from the flow head's one Euler step (0) to the flow target's K steps (1)

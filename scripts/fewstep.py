@@ -113,7 +113,8 @@ def capacity(res, out=os.path.join("bench", "capacity")):
                             "1,500-step snapshot (the learning rate decaying over 3,000, as for every 1,500 row): no "
                             "CPU time was left for their 3,000-step ends; cap_d256_flow_s0, stopped at step 201, was "
                             "resumed on 2026-12-07 and stopped at its 1,500-step snapshot too. The tiny Self-E and "
-                            "MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz in bf16); the 2026-12-06 runs used it in fp32 (LOG.md). meanflow_cfg2_3k_s1 and "
+                            "MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz in bf16); the 2026-12-06 runs used it "
+                            "in fp32 (LOG.md). meanflow_cfg2_3k_s1 and "
                             "meanflow_cfg2_vloss_3k_s0 (--meanflow-v-loss) were stopped at 1,500 steps too.", rows=rows),
               open(os.path.join(out, "results.json"), "w"), indent=1)
     md = ["# Network or method: each method at two widths, step-matched", "",

@@ -226,14 +226,14 @@ def probe(net, variant, n=4000, K=8, seed=5):
         x0, captions = draw(n, g)
         ids, t, s = tok(captions), torch.full((n,), t_), torch.full((n,), s_)
         x_t = losses.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-        jump, flow = G(net, x_t, t, s, ids), G(net, x_t, t, t, ids)
+        jump = x_t - losses.bcast(t - s) * net(x_t, t, s, ids)                         # x_s (s = 0: G(x_t, t, 0, c))
         teacher = x_t - losses.bcast(t - s) * levers.flow_target(net, x_t, t, s, ids, K)   # x_s' (the ODE's)
-        jump_xs = x_t - losses.bcast(t - s) * net(x_t, t, s, ids)                          # x_s of the jump
         if name == "last":
+            flow = G(net, x_t, t, t, ids)
             out.update(last_vs_flow=rms(jump - flow), teacher_vs_flow=rms(teacher - flow),
                        last_vs_teacher=rms(jump - teacher), posterior_spread=rms(x0 - flow))
         else:
-            out["middle_vs_teacher"] = rms(jump_xs - teacher)
+            out["middle_vs_teacher"] = rms(jump - teacher)
     labels = torch.arange(1, LABELS + 1).repeat_interleave(400)
     d, eta = sampler_of(variant)
     x = sample(net, labels.view(-1, 1), torch.zeros(1, 1, dtype=torch.long), 1, 0.0, (2, 1, 1), eta=eta,
