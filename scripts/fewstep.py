@@ -109,13 +109,11 @@ def capacity(res, out=os.path.join("bench", "capacity")):
     os.makedirs(out, exist_ok=True)
     json.dump(dict(protocol="STEPS=3000 bash scripts/fewstep_job.sh NAME FLAGS (one thread each, seed 0 unless named "
                             "_s1); dim 256: --dim 256 (heads 4, depth 4, patch 8); scored by evaluate.py on the full "
-                            "prompt set. The 2026-12-06 runs (dim 256, flow_3k_s0) were stopped by SIGTERM at their "
-                            "1,500-step snapshot (the learning rate decaying over 3,000, as for every 1,500 row): no "
-                            "CPU time was left for their 3,000-step ends; cap_d256_flow_s0, stopped at step 201, was "
-                            "resumed on 2026-12-07 and stopped at its 1,500-step snapshot too. The tiny Self-E and "
-                            "MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz in bf16); the 2026-12-06 runs used it "
-                            "in fp32 (LOG.md). meanflow_cfg2_3k_s1 and "
-                            "meanflow_cfg2_vloss_3k_s0 (--meanflow-v-loss) were stopped at 1,500 steps too.", rows=rows),
+                            "prompt set. The 2026-12-06 runs (dim 256, flow_3k_s0, meanflow_cfg2_vloss_3k_s0 with "
+                            "--meanflow-v-loss) were stopped by SIGTERM at their 1,500-step snapshot and resumed to "
+                            "3,000 on 2026-12-07 (train.py --resume continues a run bit for bit); meanflow_cfg2_3k_s1 "
+                            "stays at 1,500. The tiny Self-E and MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz "
+                            "in bf16); the later runs used it in fp32 (LOG.md).", rows=rows),
               open(os.path.join(out, "results.json"), "w"), indent=1)
     md = ["# Network or method: each method at two widths, step-matched", "",
           "Made by `python -m scripts.fewstep --capacity` from `results.json` (protocol there). Cells: ShapesEval "
