@@ -62,6 +62,9 @@ VARIANTS = {
     # beside these, rejected, left the code; their records stay in lab/, LOG.md names the commit that had them)
     "selfe_flowtgt_below1_eta0": dict(method="levers", flow_target=0.25, flow_below=1.0, eta=0.0),
     "selfe_flowtgt_below1_t1_eta0": dict(method="levers", flow_target=0.25, flow_below=1.0, flow_t="one", eta=0.0),
+    # part 3's distribution-matching direction: the paper's fake-score term (Eq. s.6) on top of the flow target
+    "selfe_flowtgt_fake": dict(method="levers", flow_target=0.25, fake_start=0.3),
+    "selfe_flowtgt_fake_k0": dict(method="levers", flow_target=0.25, fake_start=0.3, k=0.0),  # real minus fake only
 }
 
 
