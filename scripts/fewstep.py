@@ -112,8 +112,8 @@ def capacity(res, out=os.path.join("bench", "capacity")):
                             "prompt set. The 2026-12-06 runs (dim 256, flow_3k_s0, meanflow_cfg2_vloss_3k_s0 with "
                             "--meanflow-v-loss) were stopped by SIGTERM at their 1,500-step snapshot and resumed to "
                             "3,000 on 2026-12-07 (train.py --resume continues a run bit for bit); meanflow_cfg2_3k_s1 "
-                            "likewise, later the same day. The tiny Self-E and MeanFlow runs are of 2026-11-30 (Muon's Newton-Schulz "
-                            "in bf16); the later runs used it in fp32 (LOG.md).", rows=rows),
+                            "likewise, later the same day. The tiny Self-E and MeanFlow runs are of 2026-11-30 "
+                            "(Muon's Newton-Schulz in bf16); the later runs used it in fp32 (LOG.md).", rows=rows),
               open(os.path.join(out, "results.json"), "w"), indent=1)
     md = ["# Network or method: each method at two widths, step-matched", "",
           "Made by `python -m scripts.fewstep --capacity` from `results.json` (protocol there). Cells: ShapesEval "
