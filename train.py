@@ -254,7 +254,9 @@ def open_run(args, env):
             raise SystemExit(f"error: {flags}: a resumed run keeps its own config; drop the flag, or start a new run "
                              f"with another --out (on resume only these may change: "
                              f"{', '.join('--' + k.replace('_', '-') for k in sorted(MAY_CHANGE))})")
-        args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given, "resume": True})
+        # the folder resumed is where the run now lives: a copied or moved run folder writes there, never to
+        # the stored --out (which would overwrite the original run's checkpoint)
+        args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given, "out": args.out, "resume": True})
     elif os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or --out to start a new run")
     if env.master:

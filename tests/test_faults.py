@@ -214,8 +214,11 @@ def test_resume_refuses_flags_that_contradict_the_run_and_takes_those_that_may_c
         r = cli("train", "--resume", "--out", str(run_dir), *flags)
         assert one_clear_line(r) and says in r.stderr, r.stderr
     assert (run_dir / "ckpt.pt").read_bytes() == before                 # nothing was touched
+    original = open(tiny_ckpt, "rb").read()
     r = cli("train", "--resume", "--out", str(run_dir), "--max-steps", "9", "--method", "selfe")
     assert r.returncode == 0 and "done: 9 steps" in r.stdout, r.stderr[-2000:]
+    assert models.load_checkpoint(str(run_dir / "ckpt.pt"))["step"] == 9   # the copy resumed writes into itself,
+    assert open(tiny_ckpt, "rb").read() == original                        # not into the folder it was copied from
 
 
 def test_diagnose_works_on_exported_weights_and_says_so(tmp_path, tiny_ckpt):
